@@ -1,0 +1,128 @@
+"""`ExpertCache`: one pool of device slots shared by all MoE layers, filled from the `ExpertStore`.
+
+Decode visits layers 0..L-1 in the same order every step, so a single LRU over all layers is a
+cyclic scan larger than the pool and would hit almost never once a step needs more experts than
+fit. Each layer therefore owns a fixed quota of the pool's slots (an even split), and its
+eviction policy decides only among its own residents: the hit rate never falls below the
+share of experts a layer keeps resident.
+
+A step's routed experts are fetched hot-first (already-resident experts form the first pass),
+and a step that routes to more experts than a layer's quota (a long prefill) is computed in
+several passes of at most `quota` experts each. Experts of the current pass are never evicted.
+
+Example:
+    cache = ExpertCache(store, num_slots=96, policy="lru", device="cuda")
+    for group in cache.schedule(layer, experts):
+        slots = cache.fetch(layer, group)   # slot ids, in `group` order
+"""
+
+from collections import OrderedDict
+
+import torch
+
+from vllm_moe_offload.stats import OffloadStats
+from vllm_moe_offload.store import ExpertStore
+
+
+class LRUPolicy:
+    """Evicts the layer's least recently used resident expert."""
+
+    def __init__(self) -> None:
+        self._order: OrderedDict[int, None] = OrderedDict()  # oldest first
+
+    def insert(self, expert: int) -> None:
+        self._order[expert] = None
+
+    def touch(self, expert: int) -> None:
+        self._order.move_to_end(expert)
+
+    def remove(self, expert: int) -> None:
+        del self._order[expert]
+
+    def victim(self, protected: set[int]) -> int:
+        for expert in self._order:
+            if expert not in protected:
+                return expert
+        raise RuntimeError("expert offload: every resident expert is in use by this pass")
+
+
+POLICIES = {"lru": LRUPolicy}
+
+
+def layer_quotas(num_slots: int, num_layers: int, num_experts: int) -> list[int]:
+    """Even split of the pool; a layer never gets more slots than it has experts."""
+    base, extra = divmod(num_slots, num_layers)
+    return [min(num_experts, base + (i < extra)) for i in range(num_layers)]
+
+
+class ExpertCache:
+    def __init__(self, store: ExpertStore, num_slots: int, policy: str = "lru",
+                 device: torch.device | str = "cpu"):
+        if policy not in POLICIES:
+            raise ValueError(f"expert offload: unknown policy {policy!r}; choose one of "
+                             f"{', '.join(POLICIES)}")
+        self.store = store
+        self.quotas = layer_quotas(num_slots, store.num_layers, store.num_experts)
+        starts = [sum(self.quotas[:i]) for i in range(store.num_layers)]
+        self.num_slots = sum(self.quotas)
+        layout = store.layout
+        # [S, record_bytes]: the GPU expert cache, every slot one expert record
+        self.pool = torch.empty(self.num_slots, layout.record_bytes, dtype=torch.uint8,
+                                device=device)
+        self.weights = layout.views(self.pool)  # typed views [S, ...] for the kernels
+        self._free = [list(range(s + q - 1, s - 1, -1)) for s, q in zip(starts, self.quotas)]
+        self._slot_of: list[dict[int, int]] = [{} for _ in self.quotas]
+        self._owner: dict[int, tuple[int, int]] = {}  # slot -> (layer, expert)
+        self._policy = [POLICIES[policy]() for _ in self.quotas]
+        self.stats = OffloadStats()
+
+    @property
+    def slot_bytes(self) -> int:
+        return self.store.layout.record_bytes
+
+    def resident(self, layer: int) -> dict[int, int]:
+        """expert -> slot for `layer` (a copy)."""
+        return dict(self._slot_of[layer])
+
+    def schedule(self, layer: int, experts: list[int]) -> list[list[int]]:
+        """Splits a step's experts into passes: resident ones first, at most `quota` each."""
+        slot_of = self._slot_of[layer]
+        ordered = [e for e in experts if e in slot_of] + [e for e in experts if e not in slot_of]
+        q = self.quotas[layer]
+        return [ordered[i:i + q] for i in range(0, len(ordered), q)]
+
+    def fetch(self, layer: int, experts: list[int]) -> list[int]:
+        """Makes `experts` (distinct, at most the layer's quota) resident; returns their slots."""
+        assert len(experts) <= self.quotas[layer], (len(experts), self.quotas[layer])
+        slot_of, policy = self._slot_of[layer], self._policy[layer]
+        protected = set(experts)
+        for e in experts:
+            if e in slot_of:
+                self.stats.hits += 1
+                policy.touch(e)
+            else:
+                self._load(layer, e, self._take_slot(layer, protected))
+        return [slot_of[e] for e in experts]
+
+    def _take_slot(self, layer: int, protected: set[int]) -> int:
+        if self._free[layer]:
+            return self._free[layer].pop()
+        victim = self._policy[layer].victim(protected)
+        self._policy[layer].remove(victim)
+        slot = self._slot_of[layer].pop(victim)
+        del self._owner[slot]
+        self.stats.evictions += 1
+        return slot
+
+    def _load(self, layer: int, expert: int, slot: int) -> None:
+        # Pinned source: an asynchronous copy, ordered before the kernels on the same stream.
+        self.pool[slot].copy_(self.store.record(layer, expert), non_blocking=True)
+        self._slot_of[layer][expert] = slot
+        self._owner[slot] = (layer, expert)
+        self._policy[layer].insert(expert)
+        self.stats.misses += 1
+        self.stats.bytes_h2d += self.slot_bytes
+
+    def owners(self) -> dict[int, tuple[int, int]]:
+        """slot -> (layer, expert) of every occupied slot (a copy), for checks and metrics."""
+        return dict(self._owner)

@@ -1,0 +1,102 @@
+"""The `--enable-expert-offload` flag family on `vllm serve`, and the `vllm-moe-offload` script.
+
+The flags are sugar for `--additional-config '{"expert_offload": {...}}'`: `register()` wraps
+`EngineArgs.add_cli_args` (adds an "ExpertOffload" argument group) and
+`EngineArgs.from_cli_args` (folds the parsed flags into `additional_config`). vLLM gives
+general plugins no parser hook; it loads them inside `AsyncEngineArgs.add_cli_args` just
+before it calls `EngineArgs.add_cli_args`, so the wrapped version is the one used.
+"""
+
+import argparse
+
+from vllm_moe_offload.cache import POLICIES
+from vllm_moe_offload.config import ADDITIONAL_CONFIG_KEY
+
+# (flag, OffloadConfig key, argparse kwargs)
+_FLAGS = [
+    ("--enable-expert-offload", "enabled",
+     dict(action="store_true", default=None,
+          help="Keep the routed experts of a Qwen3-MoE model in host memory and fetch them "
+               "into a GPU expert cache on demand.")),
+    ("--expert-cache-gb", "cache_gb",
+     dict(type=float, default=None,
+          help="GPU memory for the expert cache, GiB (default: half of what vLLM may use).")),
+    ("--expert-cache-slots", "cache_slots",
+     dict(type=int, default=None,
+          help="Expert cache size in experts, summed over MoE layers (instead of -gb).")),
+    ("--expert-cache-policy", "policy",
+     dict(type=str, default=None, choices=list(POLICIES),
+          help="Eviction policy of the expert cache (default: lru).")),
+    ("--expert-pinned-limit-gb", "pinned_limit_gb",
+     dict(type=float, default=None,
+          help="Fail at start-up if the host expert store would need more than this, GiB.")),
+]
+_WRAPPED = "_expert_offload_wrapped"
+
+
+def add_offload_args(parser) -> None:
+    group = parser.add_argument_group(
+        "ExpertOffload", "Expert offload (vllm-moe-offload): routed experts in host memory, "
+        "a GPU expert cache, fetched on demand.")
+    for flag, _, kwargs in _FLAGS:
+        group.add_argument(flag, **kwargs)
+
+
+def fold_offload_args(args: argparse.Namespace, engine_args) -> None:
+    """Moves the parsed flags into engine_args.additional_config["expert_offload"]."""
+    values = {key: getattr(args, flag[2:].replace("-", "_"), None) for flag, key, _ in _FLAGS}
+    given = {k: v for k, v in values.items() if v is not None}
+    if not given:
+        return
+    if not given.get("enabled"):
+        raise ValueError(f"expert offload: {sorted(given)} given without "
+                         "--enable-expert-offload; add it or drop the expert flags")
+    additional = dict(engine_args.additional_config or {})
+    additional[ADDITIONAL_CONFIG_KEY] = {**additional.get(ADDITIONAL_CONFIG_KEY, {}), **given}
+    engine_args.additional_config = additional
+
+
+def install_flags() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+    if getattr(EngineArgs.add_cli_args, _WRAPPED, False):
+        return
+    add_cli_args = EngineArgs.add_cli_args  # a staticmethod, read through the class
+    from_cli_args = EngineArgs.from_cli_args.__func__  # a classmethod's function
+
+    def add_cli_args_with_offload(parser, *args, **kwargs):
+        parser = add_cli_args(parser, *args, **kwargs)
+        add_offload_args(parser)
+        return parser
+
+    def from_cli_args_with_offload(cls, args: argparse.Namespace):
+        engine_args = from_cli_args(cls, args)
+        fold_offload_args(args, engine_args)
+        return engine_args
+
+    setattr(add_cli_args_with_offload, _WRAPPED, True)
+    EngineArgs.add_cli_args = staticmethod(add_cli_args_with_offload)
+    EngineArgs.from_cli_args = classmethod(from_cli_args_with_offload)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="vllm-moe-offload", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    make = sub.add_parser("make-model", help="write a random-weight Qwen3-MoE checkpoint")
+    make.add_argument("out", help="output directory")
+    make.add_argument("--preset", default="tiny",
+                      choices=["tiny", "tiny-fp8", "qwen3-30b-a3b-fp8"])
+    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--device", default=None, help="where to draw weights (default: cuda if any)")
+    demo = sub.add_parser("demo", help="serve a tiny model with offload, chat once, show counters")
+    demo.add_argument("--model", default=None, help="checkpoint dir (default: a fresh tiny one)")
+    demo.add_argument("--port", type=int, default=8765)
+    demo.add_argument("--cache-slots", type=int, default=12)
+    args = parser.parse_args(argv)
+    if args.command == "make-model":
+        from pathlib import Path
+
+        from vllm_moe_offload.checkpoint import write_checkpoint
+        write_checkpoint(Path(args.out), args.preset, seed=args.seed, device=args.device)
+    else:
+        from vllm_moe_offload.demo import run_demo
+        run_demo(args.model, args.port, args.cache_slots)

@@ -1,0 +1,71 @@
+"""`OffloadConfig`: the user's knobs, parsed once and strictly from
+`additional_config["expert_offload"]` (what `--enable-expert-offload` and friends fold into).
+
+Example:
+    OffloadConfig.from_dict({"enabled": True, "cache_slots": 64, "policy": "lru"})
+"""
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from vllm_moe_offload.cache import POLICIES
+
+ADDITIONAL_CONFIG_KEY = "expert_offload"
+
+
+@dataclass(frozen=True, slots=True)
+class OffloadConfig:
+    enabled: bool = False
+    cache_gb: float | None = None  # GPU expert cache budget in GiB ...
+    cache_slots: int | None = None  # ... or in expert slots, summed over all MoE layers
+    policy: str = "lru"
+    pinned_limit_gb: float | None = None  # cap on host memory for the expert store
+
+    def __post_init__(self) -> None:
+        _check_type("enabled", self.enabled, bool)
+        _check_type("cache_gb", self.cache_gb, (int, float), optional=True)
+        _check_type("cache_slots", self.cache_slots, int, optional=True)
+        _check_type("policy", self.policy, str)
+        _check_type("pinned_limit_gb", self.pinned_limit_gb, (int, float), optional=True)
+        if self.cache_gb is not None and self.cache_slots is not None:
+            raise ValueError("expert offload: give cache_gb (--expert-cache-gb) or cache_slots "
+                             "(--expert-cache-slots), not both")
+        if self.cache_gb is not None and self.cache_gb <= 0:
+            raise ValueError(f"expert offload: --expert-cache-gb must be > 0, got {self.cache_gb}")
+        if self.cache_slots is not None and self.cache_slots <= 0:
+            raise ValueError(
+                f"expert offload: --expert-cache-slots must be > 0, got {self.cache_slots}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"expert offload: unknown --expert-cache-policy {self.policy!r}; "
+                             f"choose one of {', '.join(POLICIES)}")
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any] | None) -> "OffloadConfig":
+        raw = dict(raw or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"expert offload: unknown key(s) {unknown} in additional_config"
+                             f"['{ADDITIONAL_CONFIG_KEY}']; known keys: {sorted(known)}")
+        return cls(**raw)
+
+    @classmethod
+    def from_vllm_config(cls, vllm_config) -> "OffloadConfig":
+        additional = getattr(vllm_config, "additional_config", None)
+        if not isinstance(additional, dict):
+            return cls()
+        return cls.from_dict(additional.get(ADDITIONAL_CONFIG_KEY))
+
+
+def _check_type(name: str, value, types, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    # bool is an int subclass: a flag value of True must not pass as a slot count.
+    if isinstance(value, bool) and types is not bool and bool not in _as_tuple(types):
+        raise ValueError(f"expert offload: {name} must be a number, got {value!r}")
+    if not isinstance(value, types):
+        raise ValueError(f"expert offload: {name} has the wrong type: {value!r}")
+
+
+def _as_tuple(types) -> tuple:
+    return types if isinstance(types, tuple) else (types,)

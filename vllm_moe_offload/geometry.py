@@ -1,0 +1,68 @@
+"""`MoeGeometry`: what a Qwen3-MoE config says about its routed experts, validated for offload.
+
+Read from the Hugging Face config (never hard-coded): E experts, top-K, hidden H, moe
+intermediate I, which decoder layers have routed experts, and the expert weight format.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from vllm_moe_offload.store import ExpertLayout
+
+SUPPORTED_ARCHITECTURES = ("Qwen3MoeForCausalLM",)
+
+
+@dataclass(frozen=True)
+class MoeGeometry:
+    layout: ExpertLayout
+    moe_layers: tuple[int, ...]  # decoder layer ids with routed experts, in order
+    num_experts: int
+    top_k: int
+    renormalize: bool
+
+    @property
+    def num_moe_layers(self) -> int:
+        return len(self.moe_layers)
+
+    @property
+    def total_experts(self) -> int:
+        return self.num_moe_layers * self.num_experts
+
+    @classmethod
+    def from_hf_config(cls, config, dtype: torch.dtype, quantization: str | None) -> "MoeGeometry":
+        if getattr(config, "num_experts", 0) <= 0:
+            raise ValueError("expert offload: the model has no routed experts (num_experts=0); "
+                             "serve it without --enable-expert-offload")
+        if getattr(config, "shared_expert_intermediate_size", 0) > 0:
+            raise ValueError("expert offload: models with a shared expert are not supported; "
+                             "serve it without --enable-expert-offload")
+        block = _fp8_block(config, quantization)
+        weight_dtype = torch.float8_e4m3fn if block else dtype
+        layout = ExpertLayout(config.hidden_size, config.moe_intermediate_size, weight_dtype, block)
+        sparse_step = getattr(config, "decoder_sparse_step", 1)
+        dense = set(getattr(config, "mlp_only_layers", None) or [])
+        moe_layers = tuple(i for i in range(config.num_hidden_layers)
+                           if i not in dense and (i + 1) % sparse_step == 0)
+        return cls(layout, moe_layers, config.num_experts, config.num_experts_per_tok,
+                   bool(getattr(config, "norm_topk_prob", True)))
+
+
+def _fp8_block(config, quantization: str | None) -> tuple[int, int] | None:
+    if quantization is None:
+        return None
+    quant = getattr(config, "quantization_config", None) or {}
+    if not isinstance(quant, dict):
+        quant = quant.to_dict()
+    block = quant.get("weight_block_size")
+    if quantization != "fp8" or not block or quant.get("activation_scheme") != "dynamic":
+        raise ValueError(
+            f"expert offload: unsupported quantization {quantization!r} ({quant}); supported are "
+            "unquantized checkpoints and FP8 with 128x128 block scales and dynamic activation "
+            "scales (Qwen's -FP8 checkpoints)")
+    bn, bk = block
+    for dim in ("hidden_size", "moe_intermediate_size"):
+        if getattr(config, dim) % bk:
+            raise ValueError(f"expert offload: {dim}={getattr(config, dim)} is not a multiple "
+                             f"of the FP8 block {bk}")
+    return int(bn), int(bk)

@@ -1,0 +1,69 @@
+"""Config hooks in vLLM's `MODELS_CONFIG_MAP`, run in the front-end process while `VllmConfig`
+is built, so a bad offload setting fails before any engine starts.
+
+For Qwen3-MoE with offload on: validate the model, budget and host memory, cap CUDA graphs at
+PIECEWISE (our op reads routing on the host, which a full graph would freeze) and add the
+stats worker extension. For every other architecture: refuse offload with a clear message.
+"""
+
+from vllm_moe_offload.config import OffloadConfig
+from vllm_moe_offload.geometry import SUPPORTED_ARCHITECTURES
+
+STATS_EXTENSION = "vllm_moe_offload.metrics.OffloadWorkerExtension"
+
+
+def verify_offload_model(vllm_config) -> None:
+    offload = OffloadConfig.from_vllm_config(vllm_config)
+    if not offload.enabled:
+        return
+    from vllm.config.compilation import CUDAGraphMode
+
+    from vllm_moe_offload.model import pinned_limit_bytes, plan_for
+    from vllm_moe_offload.store import check_host_memory
+    geometry, _ = plan_for(vllm_config, offload)
+    check_host_memory(geometry.total_experts * geometry.layout.record_bytes,
+                      pinned_limit_bytes(offload))
+    compilation = vllm_config.compilation_config
+    if compilation.cudagraph_mode is None:
+        compilation.cudagraph_mode = CUDAGraphMode.PIECEWISE
+    elif compilation.cudagraph_mode.has_full_cudagraphs():
+        raise ValueError(
+            f"expert offload: cudagraph_mode {compilation.cudagraph_mode.name} captures the "
+            "expert fetches, which depend on routing; use -cc.cudagraph_mode=PIECEWISE (the "
+            "default with offload) or NONE")
+    parallel = vllm_config.parallel_config
+    if not parallel.worker_extension_cls:
+        parallel.worker_extension_cls = STATS_EXTENSION
+
+
+def reject_offload(vllm_config) -> None:
+    if OffloadConfig.from_vllm_config(vllm_config).enabled:
+        arch = vllm_config.model_config.architecture
+        raise ValueError(
+            f"expert offload supports {', '.join(SUPPORTED_ARCHITECTURES)} only; "
+            f"{vllm_config.model_config.model} is {arch}. Serve it without "
+            "--enable-expert-offload")
+
+
+def install() -> None:
+    """Adds our hooks to MODELS_CONFIG_MAP, chaining any hook vLLM already has for an arch."""
+    from vllm.model_executor.models import ModelRegistry
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP, VerifyAndUpdateConfig
+    for arch in ModelRegistry.get_supported_archs():
+        existing = MODELS_CONFIG_MAP.get(arch)
+        if getattr(existing, "_expert_offload_hook", False):
+            continue
+        check = verify_offload_model if arch in SUPPORTED_ARCHITECTURES else reject_offload
+        MODELS_CONFIG_MAP[arch] = _chained(check, existing or VerifyAndUpdateConfig)
+
+
+def _chained(check, existing: type) -> type:
+    class ExpertOffloadHook(existing):
+        _expert_offload_hook = True
+
+        @classmethod
+        def verify_and_update_config(cls, vllm_config) -> None:
+            check(vllm_config)
+            super().verify_and_update_config(vllm_config)
+
+    return ExpertOffloadHook

@@ -1,0 +1,103 @@
+"""`OffloadSparseMoeBlock` and its custom op: route -> fetch missing experts -> grouped GEMM.
+
+The block owns no expert weights: they live in the shared `ExpertStore` (host) and
+`ExpertCache` (device slots). Its traced forward computes router logits and calls
+`torch.ops.vllm.moe_offload_experts`, which vLLM runs eagerly between CUDA-graph pieces;
+the op writes into an output allocated in traced code, so graph replays see a stable address.
+
+Dimensions: T tokens, K top-k, E experts, H hidden.
+"""
+
+import torch
+import torch.nn as nn
+
+from vllm_moe_offload import compat
+from vllm_moe_offload.cache import ExpertCache
+from vllm_moe_offload.kernels import grouped_experts, route
+
+
+class OffloadExperts(nn.Module):
+    """Loads one layer's checkpoint experts (`{e}.{gate,up,down}_proj.weight[_scale_inv]`)
+    into the host store; holds no parameters, so vLLM's loaders and profiler never see them."""
+
+    def __init__(self, cache: ExpertCache, moe_index: int, prefix: str):
+        super().__init__()
+        self.cache = cache
+        self.moe_index = moe_index
+        self.prefix = prefix
+
+    def load_weights(self, weights) -> set[str]:
+        loaded = set()
+        store = self.cache.store
+        for name, tensor in weights:
+            expert, _, part = name.partition(".")
+            if not expert.isdigit() or part not in store.layout.parts:
+                raise ValueError(f"expert offload: unexpected checkpoint tensor "
+                                 f"{self.prefix}.{name}")
+            store.load(self.moe_index, int(expert), part, tensor)
+            loaded.add(name)
+        return loaded
+
+
+class OffloadSparseMoeBlock(compat.UpstreamMoeBlock):
+    """Drop-in for Qwen3MoeSparseMoeBlock (a subclass, so upstream isinstance checks hold)."""
+
+    def __init__(self, vllm_config, prefix: str, *, cache: ExpertCache, moe_index: int):
+        nn.Module.__init__(self)  # never builds FusedMoE: no expert weights on the device
+        config = vllm_config.model_config.hf_text_config
+        self.top_k = config.num_experts_per_tok
+        self.renormalize = config.norm_topk_prob
+        self.n_routed_experts = self.n_logical_experts = config.num_experts
+        self.n_physical_experts = self.n_local_physical_experts = config.num_experts
+        self.n_redundant_experts = 0
+        self.gate = compat.make_gate(config.hidden_size, config.num_experts,
+                                     vllm_config.quant_config, f"{prefix}.gate")
+        self.experts = OffloadExperts(cache, moe_index, f"{prefix}.experts")
+        self.cache = cache
+        self.moe_index = moe_index
+        self.layer_name = prefix
+        compat.register_forward_layer(vllm_config, prefix, self)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        is_1d = hidden_states.dim() == 1
+        hidden = hidden_states.view(-1, hidden_states.shape[-1])  # [T, H]
+        router_logits, _ = self.gate(hidden)  # [T, E]
+        out = torch.empty_like(hidden)  # [T, H], allocated in traced code
+        torch.ops.vllm.moe_offload_experts(hidden, router_logits, out, self.layer_name)
+        return out.squeeze(0) if is_1d else out
+
+    def run(self, hidden: torch.Tensor, router_logits: torch.Tensor, out: torch.Tensor) -> None:
+        """The op body, eager: one host sync (the routed expert set), fetches, GEMMs."""
+        cache, layer = self.cache, self.moe_index
+        topk_weights, topk_ids = route(router_logits, self.top_k, self.renormalize)  # [T, K]
+        experts = torch.unique(topk_ids).tolist()  # the host sync: which experts this step needs
+        acc = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)  # [T, H]
+        passes = cache.schedule(layer, experts)
+        for group in passes:
+            slots = cache.fetch(layer, group)
+            grouped_experts(hidden, topk_weights, topk_ids, group, slots, cache.weights,
+                            cache.store.layout.block, acc)
+        out.copy_(acc)
+        stats = cache.stats
+        stats.layer_steps += 1
+        stats.passes += len(passes)
+        stats.host_syncs += 1
+
+
+def _op(hidden: torch.Tensor, router_logits: torch.Tensor, out: torch.Tensor,
+        layer_name: str) -> None:
+    compat.forward_layer(layer_name).run(hidden, router_logits, out)
+
+
+def _op_fake(hidden: torch.Tensor, router_logits: torch.Tensor, out: torch.Tensor,
+             layer_name: str) -> None:
+    return None
+
+
+def register_op() -> None:
+    """Registers torch.ops.vllm.moe_offload_experts once per process."""
+    if hasattr(torch.ops.vllm, compat.OP_NAME):
+        return
+    from vllm.utils.torch_utils import direct_register_custom_op
+    direct_register_custom_op(op_name=compat.OP_NAME, op_func=_op, mutates_args=["out"],
+                              fake_impl=_op_fake)

@@ -1,0 +1,21 @@
+"""`register()`: the `vllm.general_plugins` entry point, run in every vLLM process.
+
+Idempotent, and initialises no CUDA: the model class is registered by name and imported only
+where vLLM builds the model.
+"""
+
+_registered = False
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    from vllm import ModelRegistry
+
+    from vllm_moe_offload import cli, hooks
+    ModelRegistry.register_model(
+        "Qwen3MoeForCausalLM", "vllm_moe_offload.model:Qwen3MoeOffloadForCausalLM")
+    hooks.install()
+    cli.install_flags()
