@@ -85,8 +85,12 @@ def hf_config(preset: Preset) -> dict:
     if preset.is_fp8:
         skipped = ["lm_head"] + [f"model.layers.{i}.mlp.gate" for i in moe_layer_ids(c)]
         if preset.experts_only_fp8:
-            skipped += [f"model.layers.{i}.{m}" for i in range(c["num_hidden_layers"])
-                        for m in ("self_attn", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+            dense = [name.removesuffix(".weight") for name, _, is_linear in tensor_plan(c)
+                     if is_linear and ".experts." not in name]
+            # vLLM matches fused layers (qkv_proj, gate_up_proj) by their fused name too.
+            fused = {n.replace(".q_proj", ".qkv_proj").replace(".gate_proj", ".gate_up_proj")
+                     for n in dense if n.endswith((".q_proj", ".gate_proj"))}
+            skipped += dense + sorted(fused)
         config["quantization_config"] = {
             "quant_method": "fp8",
             "fmt": "e4m3",
@@ -163,7 +167,7 @@ def _random_tensor(name: str, shape, gen: torch.Generator, device) -> torch.Tens
         return 1.0 + 0.1 * torch.randn(shape, generator=gen, device=device)
     # 1/sqrt(fan_in) keeps activations O(1) through random layers; a sharper lm_head makes
     # greedy decoding of a random model less tie-prone, so equality tests compare more tokens.
-    std = {"embed_tokens": 1.0, "lm_head": 4.0}.get(name.split(".")[-2], 1.0) / math.sqrt(
+    std = {"embed_tokens": 1.0, "lm_head": 10.0}.get(name.split(".")[-2], 1.0) / math.sqrt(
         1 if "embed_tokens" in name else shape[1])
     return torch.randn(shape, generator=gen, device=device) * std
 

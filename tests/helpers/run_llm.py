@@ -1,0 +1,34 @@
+"""Runs one vLLM engine in its own process (vLLM state does not reset between engines in one
+process): greedy generation of the prompts in a JSON file, written back as JSON.
+
+usage: python -m tests.helpers.run_llm MODEL IN.json OUT.json [ADDITIONAL_CONFIG_JSON]
+IN.json: {"prompts": [...], "max_tokens": N, "logprobs": K, "llm_kwargs": {...}}
+OUT.json: {"token_ids": [[...]], "logprobs": [[{id: lp}]], "stats": {...} | null}
+"""
+
+import json
+import sys
+
+from vllm import LLM, SamplingParams
+
+
+def main() -> None:
+    model, inp, out = sys.argv[1:4]
+    additional = json.loads(sys.argv[4]) if len(sys.argv) > 4 else {}
+    spec = json.load(open(inp))
+    llm = LLM(model=model, dtype="bfloat16", max_model_len=512, gpu_memory_utilization=0.3,
+              seed=0, additional_config=additional, **spec.get("llm_kwargs", {}))
+    params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"],
+                            logprobs=spec["logprobs"], ignore_eos=True)
+    outputs = llm.generate(spec["prompts"], params)
+    result = {
+        "token_ids": [list(o.outputs[0].token_ids) for o in outputs],
+        "logprobs": [[{str(t): lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs]
+                     for o in outputs],
+        "stats": llm.collective_rpc("expert_offload_stats")[0] if additional else None,
+    }
+    json.dump(result, open(out, "w"))
+
+
+if __name__ == "__main__":
+    main()

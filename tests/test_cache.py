@@ -1,0 +1,92 @@
+"""ExpertCache on scripted routing: exact hits, misses, bytes, LRU order, slot exclusivity."""
+
+import random
+
+import pytest
+import torch
+
+from vllm_moe_offload.cache import ExpertCache, layer_quotas
+from vllm_moe_offload.store import ExpertLayout, ExpertStore
+
+LAYOUT = ExpertLayout(hidden=32, inter=16, weight_dtype=torch.bfloat16)
+
+
+def make_cache(num_slots: int, num_layers: int = 2, num_experts: int = 8) -> ExpertCache:
+    store = ExpertStore(LAYOUT, num_layers, num_experts, pin=False)
+    for records in store.records:  # every record distinct, to check what a slot holds
+        records.copy_(torch.randint(0, 256, records.shape, dtype=torch.uint8))
+    return ExpertCache(store, num_slots, "lru", device="cpu")
+
+
+def assert_slots_consistent(cache: ExpertCache) -> None:
+    owners = cache.owners()
+    seen = set()
+    for layer in range(cache.store.num_layers):
+        for expert, slot in cache.resident(layer).items():
+            assert owners[slot] == (layer, expert)
+            assert slot not in seen, f"slot {slot} serves two experts"
+            seen.add(slot)
+            assert torch.equal(cache.pool[slot], cache.store.record(layer, expert))
+    assert seen == set(owners)
+
+
+def test_scripted_trace_counts_and_lru_order():
+    cache = make_cache(num_slots=6)  # 3 slots per layer
+    trace = [  # (layer, experts of one step)
+        (0, [1, 2]), (1, [5]), (0, [2, 3]), (0, [1, 4]), (0, [3]), (1, [5, 6, 7]), (0, [2]),
+    ]
+    expected_hits = [0, 0, 1, 1, 1, 1, 0]
+    # LRU of layer 0 after each step, oldest first
+    expected_lru = {0: [1, 2], 2: [1, 2, 3], 3: [3, 1, 4], 4: [1, 4, 3], 6: [4, 3, 2]}
+    for step, (layer, experts) in enumerate(trace):
+        hits_before = cache.stats.hits
+        for group in cache.schedule(layer, experts):
+            cache.fetch(layer, group)
+        assert cache.stats.hits - hits_before == expected_hits[step], step
+        if step in expected_lru:
+            assert list(cache._policy[0]._order) == expected_lru[step], step
+        assert_slots_consistent(cache)
+    assert cache.stats.hits == 4
+    assert cache.stats.misses == 8
+    assert cache.stats.evictions == 2  # step 3 evicts expert 2, step 6 evicts expert 1
+    assert cache.stats.bytes_h2d == 8 * LAYOUT.record_bytes
+
+
+def test_hot_first_and_passes_bounded_by_quota():
+    cache = make_cache(num_slots=6)
+    cache.fetch(0, [6, 7])
+    passes = cache.schedule(0, [1, 2, 3, 6, 4, 7, 5])
+    assert passes[0][:2] == [6, 7]  # resident experts are computed first
+    assert [len(p) for p in passes] == [3, 3, 1]
+    for group in passes:
+        slots = cache.fetch(0, group)
+        assert len(set(slots)) == len(group)
+        assert_slots_consistent(cache)
+
+
+def test_random_traces_never_share_a_slot():
+    rng = random.Random(0)
+    cache = make_cache(num_slots=7, num_layers=3, num_experts=10)
+    lookups = 0
+    for _ in range(300):
+        layer = rng.randrange(3)
+        experts = rng.sample(range(10), rng.randint(1, 6))
+        lookups += len(experts)
+        for group in cache.schedule(layer, experts):
+            cache.fetch(layer, group)
+        assert_slots_consistent(cache)
+    s = cache.stats
+    assert s.hits + s.misses == lookups
+    assert s.bytes_h2d == s.misses * cache.slot_bytes
+    assert s.evictions == s.misses - len(cache.owners())
+
+
+def test_quotas_split_evenly_and_cap_at_experts():
+    assert layer_quotas(10, 3, 8) == [4, 3, 3]
+    assert layer_quotas(100, 2, 8) == [8, 8]
+
+
+def test_fetch_more_than_quota_is_refused():
+    cache = make_cache(num_slots=4)
+    with pytest.raises(AssertionError):
+        cache.fetch(0, [0, 1, 2])

@@ -1,0 +1,81 @@
+"""OffloadConfig parsing, CLI flag folding and the cache-size plan."""
+
+import argparse
+import types
+
+import pytest
+import torch
+
+from vllm_moe_offload.cli import add_offload_args, fold_offload_args
+from vllm_moe_offload.config import OffloadConfig
+from vllm_moe_offload.geometry import MoeGeometry
+from vllm_moe_offload.planner import plan_cache
+
+
+def test_defaults_off():
+    assert OffloadConfig.from_dict(None).enabled is False
+
+
+@pytest.mark.parametrize("raw, match", [
+    ({"enabled": True, "policy": "fifo"}, "unknown --expert-cache-policy 'fifo'"),
+    ({"enabled": True, "cache_slot": 4}, r"unknown key\(s\) \['cache_slot'\]"),
+    ({"enabled": True, "cache_gb": 1, "cache_slots": 4}, "not both"),
+    ({"enabled": True, "cache_slots": 0}, "must be > 0"),
+    ({"enabled": True, "cache_slots": True}, "must be a number"),
+    ({"enabled": "yes"}, "wrong type"),
+])
+def test_bad_config(raw, match):
+    with pytest.raises(ValueError, match=match):
+        OffloadConfig.from_dict(raw)
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    add_offload_args(parser)
+    args = parser.parse_args(argv)
+    engine_args = types.SimpleNamespace(additional_config={"other": 1})
+    fold_offload_args(args, engine_args)
+    return engine_args.additional_config
+
+
+def test_flags_fold_into_additional_config():
+    assert parse([]) == {"other": 1}
+    folded = parse(["--enable-expert-offload", "--expert-cache-slots", "12",
+                    "--expert-cache-policy", "lru"])
+    assert folded == {"other": 1, "expert_offload": {"enabled": True, "cache_slots": 12,
+                                                     "policy": "lru"}}
+    with pytest.raises(ValueError, match="without --enable-expert-offload"):
+        parse(["--expert-cache-gb", "4"])
+
+
+def geometry(layers=4, experts=16, top_k=4):
+    config = types.SimpleNamespace(num_experts=experts, num_experts_per_tok=top_k,
+                                   hidden_size=128, moe_intermediate_size=64,
+                                   num_hidden_layers=layers, norm_topk_prob=True)
+    return MoeGeometry.from_hf_config(config, torch.bfloat16, None)
+
+
+def test_plan_sizes():
+    g = geometry()
+    assert plan_cache(OffloadConfig(True, cache_slots=20), g, None).num_slots == 20
+    gb = 40 * g.layout.record_bytes / (1 << 30)
+    assert plan_cache(OffloadConfig(True, cache_gb=gb), g, None).num_slots == 40
+    assert plan_cache(OffloadConfig(True), g, None).num_slots == 32  # half of 4 x 16
+    assert plan_cache(OffloadConfig(True, cache_slots=999), g, None).num_slots == 64
+
+
+def test_cache_smaller_than_top_k_per_layer():
+    with pytest.raises(ValueError, match=r"fewer than top-k=4.*--expert-cache-slots >= 16"):
+        plan_cache(OffloadConfig(True, cache_slots=15), geometry(), None)
+
+
+def test_unsupported_models():
+    g = types.SimpleNamespace(num_experts=8, num_experts_per_tok=2, hidden_size=128,
+                              moe_intermediate_size=64, num_hidden_layers=2,
+                              shared_expert_intermediate_size=256)
+    with pytest.raises(ValueError, match="shared expert"):
+        MoeGeometry.from_hf_config(g, torch.bfloat16, None)
+    g.shared_expert_intermediate_size = 0
+    g.quantization_config = {"quant_method": "awq"}
+    with pytest.raises(ValueError, match="unsupported quantization 'awq'"):
+        MoeGeometry.from_hf_config(g, torch.bfloat16, "awq")

@@ -1,0 +1,67 @@
+"""ExpertStore: record layout, loading checkpoint tensors, completeness, memory checks."""
+
+import pytest
+import torch
+
+from vllm_moe_offload.store import ExpertLayout, ExpertStore, available_host_bytes
+
+FP8 = ExpertLayout(hidden=256, inter=128, weight_dtype=torch.float8_e4m3fn, block=(128, 128))
+
+
+def test_fp8_record_matches_vllm_parameter_shapes():
+    f = FP8.fields
+    assert f["w13"][0] == (256, 256) and f["w2"][0] == (256, 128)
+    assert f["s13"][0] == (2, 2) and f["s2"][0] == (2, 1)
+    assert all(offset % 256 == 0 for _, _, offset in f.values())
+    # Qwen3-30B-A3B: 3 x 2048 x 768 FP8 bytes + fp32 scales, padded to 256 B
+    qwen = ExpertLayout(2048, 768, torch.float8_e4m3fn, (128, 128))
+    assert qwen.record_bytes == 3 * 2048 * 768 + 768 + 512  # s2: 384 B, padded to 256
+
+
+def test_load_places_gate_up_down_and_scales():
+    store = ExpertStore(FP8, num_layers=2, num_experts=3, pin=False)
+    parts = {
+        "gate_proj.weight": torch.randn(128, 256).to(torch.float8_e4m3fn),
+        "up_proj.weight": torch.randn(128, 256).to(torch.float8_e4m3fn),
+        "down_proj.weight": torch.randn(256, 128).to(torch.float8_e4m3fn),
+        "gate_proj.weight_scale_inv": torch.rand(1, 2, dtype=torch.bfloat16),
+        "up_proj.weight_scale_inv": torch.rand(1, 2, dtype=torch.bfloat16),
+        "down_proj.weight_scale_inv": torch.rand(2, 1, dtype=torch.bfloat16),
+    }
+    for name, t in parts.items():
+        store.load(1, 2, name, t)
+    v = store.views[1]
+    as_bytes = lambda t: t.view(torch.uint8)  # noqa: E731
+    assert torch.equal(as_bytes(v["w13"][2][:128]), as_bytes(parts["gate_proj.weight"]))
+    assert torch.equal(as_bytes(v["w13"][2][128:]), as_bytes(parts["up_proj.weight"]))
+    assert torch.equal(as_bytes(v["w2"][2]), as_bytes(parts["down_proj.weight"]))
+    assert torch.equal(v["s13"][2][1:], parts["up_proj.weight_scale_inv"].float())
+    assert torch.equal(v["s2"][2], parts["down_proj.weight_scale_inv"].float())
+    missing = store.missing()
+    assert len(missing) == 2 * 3 * 6 - 6
+    assert (1, 2, "gate_proj.weight") not in missing and (0, 0, "up_proj.weight") in missing
+
+
+def test_wrong_shape_is_refused():
+    store = ExpertStore(FP8, num_layers=1, num_experts=1, pin=False)
+    with pytest.raises(ValueError, match="expected"):
+        store.load(0, 0, "down_proj.weight", torch.zeros(128, 256, dtype=torch.float8_e4m3fn))
+
+
+def test_fill_random_is_finite():
+    store = ExpertStore(FP8, num_layers=1, num_experts=4, pin=False)
+    store.fill_random()
+    for view in store.views[0].values():
+        assert torch.isfinite(view.float()).all()
+    assert store.missing() == []
+
+
+def test_more_than_the_machine_has_fails_before_allocating():
+    layers = available_host_bytes() // (8 * FP8.record_bytes) + 1  # > available by design
+    with pytest.raises(ValueError, match="pinned host memory but only"):
+        ExpertStore(FP8, num_layers=layers, num_experts=8, pin=False)
+
+
+def test_pinned_limit():
+    with pytest.raises(ValueError, match="pinned_limit_gb"):
+        ExpertStore(FP8, num_layers=4, num_experts=8, pin=False, limit_bytes=FP8.record_bytes)
