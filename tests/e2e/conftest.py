@@ -1,0 +1,93 @@
+"""Shared pieces of the end-to-end tests: tiny checkpoints, one engine per process, and the
+greedy-equality rule."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vllm_moe_offload.checkpoint import write_checkpoint
+
+REPO = Path(__file__).resolve().parents[2]
+HAS_CUDA = torch.cuda.is_available()
+PROMPTS = [
+    "Hello world, what is",
+    "The",
+    "Once upon a time there was a tall tree and a small house near the river, and the people "
+    "who lived there",
+    "a b c d e f g h i j k l m n o p q r s t u v w x y z",
+    "Numbers: 1 2 3 4 5 6 7 8 9 10 11 12",
+    "Why?",
+    "Sten thea gou lloung rack the stoud, and more words follow here to make the prompt longer "
+    "than the others by far, much longer indeed, so that prefill routes many tokens at once",
+    "!",
+]
+# 2 MoE layers x 16 experts = 32; 12 slots hold under half, 6 per layer (top-k is 4).
+CACHE_SLOTS = 12
+
+
+def engine_env(**extra: str) -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               VLLM_CPU_KVCACHE_SPACE="1", PYTHONPATH=str(REPO))
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {p: write_checkpoint(root / p, p, progress=False) for p in ("tiny", "tiny-fp8")}
+
+
+def run_engine(model: Path, tmp_path: Path, additional: dict | None = None,
+               max_tokens: int = 32, llm_kwargs: dict | None = None, env: dict | None = None,
+               helper: str = "run_llm") -> subprocess.CompletedProcess:
+    """Runs tests/helpers/<helper>.py in a fresh process; returns the finished process."""
+    spec = {"prompts": PROMPTS, "max_tokens": max_tokens, "logprobs": 5,
+            "llm_kwargs": llm_kwargs or {}}
+    tag = f"{helper}-{len(list(tmp_path.iterdir()))}"
+    inp, out = tmp_path / f"{tag}.in.json", tmp_path / f"{tag}.out.json"
+    inp.write_text(json.dumps(spec))
+    cmd = [sys.executable, "-m", f"tests.helpers.{helper}", str(model), str(inp), str(out)]
+    if additional is not None:
+        cmd.append(json.dumps(additional))
+    proc = subprocess.run(cmd, cwd=REPO, env=env or engine_env(), capture_output=True,
+                          text=True, timeout=900)
+    proc.result_path = out
+    return proc
+
+
+def generate(*args, **kwargs) -> dict:
+    proc = run_engine(*args, **kwargs)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return json.loads(proc.result_path.read_text())
+
+
+def assert_greedy_close(ref: dict, test: dict, tie_nats: float, drift_nats: float) -> int:
+    """vLLM's check_logprobs_close convention, with explicit tolerances.
+
+    Per prompt, tokens must be equal up to the first divergence; there, each run's token must
+    be in the other's top-5 and the two candidates must be a near-tie: the logprob gap between
+    them, in the reference plus in the test run, at most `tie_nats`. Before it, the chosen
+    tokens' logprobs may differ by at most `drift_nats`. Returns how many prompts matched fully.
+    """
+    identical = 0
+    for i, (a, b) in enumerate(zip(ref["token_ids"], test["token_ids"], strict=True)):
+        assert len(a) == len(b)
+        for j, (x, y) in enumerate(zip(a, b)):
+            lp_ref, lp_test = ref["logprobs"][i][j], test["logprobs"][i][j]
+            if x == y:
+                drift = abs(lp_ref[str(x)] - lp_test[str(x)])
+                assert drift <= drift_nats, f"prompt {i} token {j}: logprob drift {drift:.3f}"
+                continue
+            assert str(y) in lp_ref and str(x) in lp_test, f"prompt {i} token {j}: {x} vs {y}"
+            gap = (lp_ref[str(x)] - lp_ref[str(y)]) + (lp_test[str(y)] - lp_test[str(x)])
+            assert gap <= tie_nats, f"prompt {i} token {j}: {x} vs {y}, not a near-tie ({gap:.3f})"
+            break
+        else:
+            identical += 1
+    return identical
