@@ -1,14 +1,14 @@
 """Runtime-only knobs, read from the environment. Structural settings belong in
 `additional_config["expert_offload"]` (hashed into vLLM's compile cache); these do not change
-what is computed.
+what is computed. (No `VLLM_` prefix: vLLM warns about `VLLM_*` variables it does not know.)
 
 | variable | default | meaning |
 |---|---|---|
-| `VLLM_MOE_OFFLOAD_LOG_INTERVAL_S` | 10 | seconds between `expert offload: ...` log lines; 0 turns them off |
+| `MOE_OFFLOAD_LOG_INTERVAL_S` | 10 | seconds between `expert offload: ...` log lines; 0 turns them off |
 """
 
 import os
 
 
 def log_interval_s() -> float:
-    return float(os.environ.get("VLLM_MOE_OFFLOAD_LOG_INTERVAL_S", "10"))
+    return float(os.environ.get("MOE_OFFLOAD_LOG_INTERVAL_S", "10"))

@@ -7,7 +7,8 @@ from vllm.logger import init_logger
 
 from vllm_moe_offload.stats import OffloadStats
 
-logger = init_logger(__name__)
+# Under "vllm." so that vLLM's logging configuration (handler, format, level) applies.
+logger = init_logger("vllm.moe_offload")
 
 
 class StatsReporter:

@@ -14,7 +14,7 @@ from vllm_moe_offload.config import OffloadConfig
 from vllm_moe_offload.geometry import MoeGeometry
 from vllm_moe_offload.layer import OffloadSparseMoeBlock, register_op
 from vllm_moe_offload.metrics import StatsReporter, logger
-from vllm_moe_offload.planner import GIB, CachePlan, plan_cache
+from vllm_moe_offload.planner import GIB, CachePlan, format_bytes, plan_cache
 from vllm_moe_offload.store import ExpertStore
 
 
@@ -62,8 +62,8 @@ class Qwen3MoeOffloadForCausalLM(compat.UpstreamQwen3Moe):
                             limit_bytes=pinned_limit_bytes(offload))
         cache = ExpertCache(store, plan.num_slots, offload.policy,
                             device=vllm_config.device_config.device)
-        logger.info("expert offload: %.2f GiB of experts in %s host memory; cache %s",
-                    store.nbytes / GIB, "pinned" if store.pin else "pageable",
+        logger.info("expert offload: %s of experts in %s host memory; cache %s",
+                    format_bytes(store.nbytes), "pinned" if store.pin else "pageable",
                     plan.describe(geometry))
         with compat.swapped_moe_block(_bind_block(cache, geometry)):
             super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)

