@@ -1,0 +1,73 @@
+"""Bad settings fail at start-up with a message that names the fix; nothing is served."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from tests.e2e.conftest import REPO, engine_env, run_engine
+from tests.helpers.server import VLLM_CLI
+
+pytestmark = pytest.mark.e2e
+
+
+def offload(**settings) -> dict:
+    return {"expert_offload": {"enabled": True, "cache_slots": 12, **settings}}
+
+
+def assert_fails(proc, message: str) -> None:
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output[-3000:]
+    assert message in output, output[-5000:]
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(cache_slots=4), "fewer than top-k=4, so a single token could not be computed; use "
+                          "--expert-cache-slots >= 8"),
+    (dict(policy="fifo"), "unknown --expert-cache-policy 'fifo'; choose one of lru"),
+    (dict(pinned_limit_gb=1e-6), "more than pinned_limit_gb=0.00; raise pinned_limit_gb"),
+    (dict(cache_slot=12), "unknown key(s) ['cache_slot']"),
+])
+def test_bad_settings(models, tmp_path, settings, message):
+    assert_fails(run_engine(models["tiny"], tmp_path, offload(**settings)), message)
+
+
+def test_full_cuda_graphs_are_refused(models, tmp_path):
+    proc = run_engine(models["tiny"], tmp_path, offload(),
+                      llm_kwargs={"compilation_config": {"cudagraph_mode": "FULL"}})
+    assert_fails(proc, "use -cc.cudagraph_mode=PIECEWISE")
+
+
+def test_not_qwen3_moe(models, tmp_path):
+    model = tmp_path / "not-qwen3-moe"
+    shutil.copytree(models["tiny"], model)
+    config = json.loads((model / "config.json").read_text())
+    config["architectures"] = ["Qwen2MoeForCausalLM"]
+    (model / "config.json").write_text(json.dumps(config))
+    assert_fails(run_engine(model, tmp_path, offload()),
+                 "expert offload supports Qwen3MoeForCausalLM only")
+
+
+def test_missing_expert_tensor(models, tmp_path):
+    model = tmp_path / "missing-expert"
+    shutil.copytree(models["tiny"], model)
+    missing = "model.layers.2.mlp.experts.5.down_proj.weight"
+    index_path = model / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shard = model / index["weight_map"].pop(missing)
+    tensors = load_file(shard)
+    del tensors[missing]
+    save_file(tensors, shard, metadata={"format": "pt"})
+    index_path.write_text(json.dumps(index))
+    assert_fails(run_engine(model, tmp_path, offload()),
+                 f"the checkpoint lacks {missing} (1 expert tensor(s) missing)")
+
+
+def test_flag_choices_are_checked(models):
+    proc = subprocess.run([sys.executable, str(VLLM_CLI), "serve", str(models["tiny"]),
+                           "--enable-expert-offload", "--expert-cache-policy", "fifo"],
+                          cwd=REPO, env=engine_env(), capture_output=True, text=True, timeout=300)
+    assert_fails(proc, "invalid choice: 'fifo'")
