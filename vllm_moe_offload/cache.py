@@ -70,7 +70,8 @@ class ExpertCache:
         self.pool = torch.empty(self.num_slots, layout.record_bytes, dtype=torch.uint8,
                                 device=device)
         self.weights = layout.views(self.pool)  # typed views [S, ...] for the kernels
-        self._free = [list(range(s + q - 1, s - 1, -1)) for s, q in zip(starts, self.quotas)]
+        self._free = [list(range(s + q - 1, s - 1, -1))
+                      for s, q in zip(starts, self.quotas, strict=True)]
         self._slot_of: list[dict[int, int]] = [{} for _ in self.quotas]
         self._owner: dict[int, tuple[int, int]] = {}  # slot -> (layer, expert)
         self._policy = [POLICIES[policy]() for _ in self.quotas]

@@ -1,10 +1,11 @@
 """Runtime-only knobs, read from the environment. Structural settings belong in
 `additional_config["expert_offload"]` (hashed into vLLM's compile cache); these do not change
-what is computed. (No `VLLM_` prefix: vLLM warns about `VLLM_*` variables it does not know.)
+what is computed. (No `VLLM_` prefix: vLLM warns about `VLLM_*` variables it does not
+know.)
 
 | variable | default | meaning |
 |---|---|---|
-| `MOE_OFFLOAD_LOG_INTERVAL_S` | 10 | seconds between `expert offload: ...` log lines; 0 turns them off |
+| `MOE_OFFLOAD_LOG_INTERVAL_S` | 10 | seconds between `expert offload: ...` log lines; 0: none |
 """
 
 import os

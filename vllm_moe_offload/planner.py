@@ -38,7 +38,7 @@ def format_bytes(n: int) -> str:
 
 def plan_cache(config: OffloadConfig, geometry: MoeGeometry,
                device_bytes: int | None) -> CachePlan:
-    """device_bytes: memory vLLM may use on the device (total x gpu_memory_utilization), if known."""
+    """device_bytes: memory vLLM may use on the device (total x gpu_memory_utilization)."""
     slot_bytes = geometry.layout.record_bytes
     total = geometry.total_experts
     if config.cache_slots is not None:

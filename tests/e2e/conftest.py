@@ -78,7 +78,7 @@ def assert_greedy_close(ref: dict, test: dict, tie_nats: float, drift_nats: floa
     identical = 0
     for i, (a, b) in enumerate(zip(ref["token_ids"], test["token_ids"], strict=True)):
         assert len(a) == len(b)
-        for j, (x, y) in enumerate(zip(a, b)):
+        for j, (x, y) in enumerate(zip(a, b, strict=True)):
             lp_ref, lp_test = ref["logprobs"][i][j], test["logprobs"][i][j]
             if x == y:
                 drift = abs(lp_ref[str(x)] - lp_test[str(x)])

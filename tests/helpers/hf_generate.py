@@ -60,7 +60,8 @@ def main() -> None:
         steps = []
         for score in gen.scores:
             lp = torch.log_softmax(score[0].float(), dim=-1).topk(spec["logprobs"])
-            steps.append({str(i): v for i, v in zip(lp.indices.tolist(), lp.values.tolist())})
+            steps.append({str(i): v for i, v in zip(lp.indices.tolist(),
+                                                      lp.values.tolist(), strict=True)})
         token_ids.append(new)
         logprobs.append(steps)
     json.dump({"token_ids": token_ids, "logprobs": logprobs, "stats": None}, open(out, "w"))

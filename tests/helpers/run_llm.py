@@ -23,8 +23,8 @@ def main() -> None:
     outputs = llm.generate(spec["prompts"], params)
     result = {
         "token_ids": [list(o.outputs[0].token_ids) for o in outputs],
-        "logprobs": [[{str(t): lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs]
-                     for o in outputs],
+        "logprobs": [[{str(t): lp.logprob for t, lp in step.items()}
+                      for step in o.outputs[0].logprobs] for o in outputs],
         "stats": llm.collective_rpc("expert_offload_stats")[0] if additional else None,
     }
     json.dump(result, open(out, "w"))

@@ -7,7 +7,7 @@ from vllm_moe_offload.checkpoint import quantize_fp8_block
 from vllm_moe_offload.kernels.reference import grouped_experts, route
 from vllm_moe_offload.store import ExpertLayout
 
-H, I, E, K = 256, 128, 6, 2
+H, INTER, E, K = 256, 128, 6, 2
 
 
 def fp8_group_quant_f64(v):
@@ -28,7 +28,7 @@ def float64_moe(x, weights_f64, topk_w, topk_ids, fp8):
         for k in range(topk_ids.shape[1]):
             w13, w2 = weights_f64[int(topk_ids[t, k])]
             h = bf16(w13 @ quant(x[t].double()))  # vLLM keeps intermediates in bf16
-            act = bf16(torch.nn.functional.silu(h[:I]) * h[I:])
+            act = bf16(torch.nn.functional.silu(h[:INTER]) * h[INTER:])
             out[t] += topk_w[t, k].double() * (w2 @ quant(act))
     return out
 
@@ -37,25 +37,26 @@ def float64_moe(x, weights_f64, topk_w, topk_ids, fp8):
 @pytest.mark.parametrize("tokens", [1, 7, 64])
 def test_grouped_experts_matches_float64(fp8, tokens):
     gen = torch.Generator().manual_seed(tokens + 100 * fp8)
-    layout = ExpertLayout(H, I, torch.float8_e4m3fn if fp8 else torch.bfloat16,
+    layout = ExpertLayout(H, INTER, torch.float8_e4m3fn if fp8 else torch.bfloat16,
                           (128, 128) if fp8 else None)
     pool = torch.empty(E, layout.record_bytes, dtype=torch.uint8)
     views = layout.views(pool)
     exact = {}
     for s in range(E):
-        w13 = torch.randn(2 * I, H, generator=gen) / H ** 0.5
-        w2 = torch.randn(H, I, generator=gen) / I ** 0.5
+        w13 = torch.randn(2 * INTER, H, generator=gen) / H ** 0.5
+        w2 = torch.randn(H, INTER, generator=gen) / INTER ** 0.5
         if fp8:
-            (q13g, s13g), (q13u, s13u) = quantize_fp8_block(w13[:I]), quantize_fp8_block(w13[I:])
+            q13g, s13g = quantize_fp8_block(w13[:INTER])
+            q13u, s13u = quantize_fp8_block(w13[INTER:])
             q2, s2 = quantize_fp8_block(w2)
             views["w13"][s].copy_(torch.cat([q13g, q13u]))
             views["s13"][s].copy_(torch.cat([s13g, s13u]))
             views["w2"][s].copy_(q2)
             views["s2"][s].copy_(s2)
             w13 = torch.cat([q13g.double() * s13g.double().repeat_interleave(128, 0)
-                             .repeat_interleave(128, 1)[:I, :H],
+                             .repeat_interleave(128, 1)[:INTER, :H],
                              q13u.double() * s13u.double().repeat_interleave(128, 0)
-                             .repeat_interleave(128, 1)[:I, :H]])
+                             .repeat_interleave(128, 1)[:INTER, :H]])
             w2 = q2.double() * s2.double().repeat_interleave(128, 0).repeat_interleave(128, 1)
         else:
             views["w13"][s].copy_(w13)

@@ -85,7 +85,7 @@ def grouped_experts(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: 
 
     hidden [T, H]; topk_weights, topk_ids [T, K]; weights: typed slot views (ExpertLayout.views).
     """
-    for expert, slot in zip(experts, slots):
+    for expert, slot in zip(experts, slots, strict=True):
         token, _ = (topk_ids == expert).nonzero(as_tuple=True)  # [n] tokens routed to expert
         if token.numel() == 0:
             continue
