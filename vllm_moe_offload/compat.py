@@ -11,6 +11,10 @@ import vllm.model_executor.models.qwen3_moe as qwen3_moe
 
 OP_NAME = "moe_offload_experts"
 OP_QUALNAME = f"vllm::{OP_NAME}"
+# Upstream classes, captured at import, before any swap.
+_UPSTREAM_BLOCK = qwen3_moe.Qwen3MoeSparseMoeBlock
+UpstreamMoeBlock = _UPSTREAM_BLOCK
+UpstreamQwen3Moe = qwen3_moe.Qwen3MoeForCausalLM
 
 
 # Patch ledger: the scoped swap of Qwen3MoeSparseMoeBlock.
@@ -33,21 +37,16 @@ def swapped_moe_block(block_cls: type[nn.Module]) -> Iterator[None]:
         qwen3_moe.Qwen3MoeSparseMoeBlock = original
 
 
-_UPSTREAM_BLOCK = qwen3_moe.Qwen3MoeSparseMoeBlock
-UpstreamMoeBlock = _UPSTREAM_BLOCK
-UpstreamQwen3Moe = qwen3_moe.Qwen3MoeForCausalLM
-
 
 def make_gate(hidden_size: int, num_experts: int, quant_config, prefix: str) -> nn.Module:
-    """The router linear, built as upstream builds it (0.32: GateLinear; 0.26: ReplicatedLinear),
-    so router logits, and hence routing, equal stock vLLM's."""
-    try:
-        from vllm.model_executor.layers.fused_moe.router.gate_linear import GateLinear
-    except ImportError:
-        from vllm.model_executor.layers.linear import ReplicatedLinear
-        return ReplicatedLinear(hidden_size, num_experts, bias=False,
-                                quant_config=quant_config, prefix=prefix)
-    return GateLinear(hidden_size, num_experts, quant_config=quant_config, prefix=prefix)
+    """The router linear, built as upstream's block builds it (0.32: GateLinear; 0.26:
+    ReplicatedLinear; 0.26 has a GateLinear too, with another signature, that Qwen3 does not
+    use), so router logits, and hence routing, equal stock vLLM's."""
+    gate_linear = getattr(qwen3_moe, "GateLinear", None)
+    if gate_linear is not None:
+        return gate_linear(hidden_size, num_experts, quant_config=quant_config, prefix=prefix)
+    return qwen3_moe.ReplicatedLinear(hidden_size, num_experts, bias=False,
+                                      quant_config=quant_config, prefix=prefix)
 
 
 def register_forward_layer(vllm_config, name: str, layer: nn.Module) -> None:

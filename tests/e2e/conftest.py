@@ -31,8 +31,9 @@ CACHE_SLOTS = 12
 
 
 def engine_env(**extra: str) -> dict:
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               VLLM_CPU_KVCACHE_SPACE="1", PYTHONPATH=str(REPO))
+               VLLM_CPU_KVCACHE_SPACE="1", PYTHONPATH=path)
     env.update(extra)
     return env
 
