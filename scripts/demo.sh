@@ -4,4 +4,4 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 py=$("$root/scripts/setup.sh" | tail -1)
-exec "$py" -m vllm_moe_offload.cli demo "$@"
+exec "$py" -m vllm_moe_offload demo "$@"

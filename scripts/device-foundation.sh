@@ -16,7 +16,7 @@ equality)
     2>&1 | tee "$out/pytest-gpu.log" | tail -15
   cp -r /tmp/pytest-of-root/pytest-0/*/run_llm-*.out.json "$out/" 2>/dev/null ;;
 serve)
-  python3 -m vllm_moe_offload.cli make-model /root/tiny-fp8 --preset tiny-fp8 >/dev/null 2>&1
+  python3 -m vllm_moe_offload make-model /root/tiny-fp8 --preset tiny-fp8 2>&1 | tail -1
   MOE_OFFLOAD_LOG_INTERVAL_S=1 vllm serve /root/tiny-fp8 --enable-expert-offload \
     --expert-cache-slots 12 --port 8000 --max-model-len 512 --gpu-memory-utilization 0.3 \
     > "$out/serve.log" 2>&1 &

@@ -4,15 +4,10 @@ the experts so that evictions happen. On CUDA the offload run uses piecewise CUD
 
 import pytest
 
-from tests.e2e.conftest import CACHE_SLOTS, HAS_CUDA, PROMPTS, assert_greedy_close, generate
+from tests.e2e.conftest import CACHE_SLOTS, HAS_CUDA, assert_greedy_close, generate
 
 pytestmark = pytest.mark.e2e
 OFFLOAD = {"expert_offload": {"enabled": True, "cache_slots": CACHE_SLOTS}}
-# Stock vs offload differ only in summation order, which a random model amplifies token by
-# token (drift), and in tie-breaking between logits equal in bf16.
-VS_STOCK = dict(tie_nats=0.5, drift_nats=1.0)
-# HF dequantises the weights but does not quantise activations to FP8 as vLLM does.
-VS_HF = dict(tie_nats=1.0, drift_nats=1.0)
 
 
 def offload_run(models, preset, tmp_path, compiled: bool):
@@ -31,14 +26,14 @@ def test_tiny_bf16_equals_stock(models, tmp_path):
     # a different token (the served test covers our op under torch.compile on CPU).
     stock = generate(models["tiny"], tmp_path, llm_kwargs={"enforce_eager": not HAS_CUDA})
     offload = offload_run(models, "tiny", tmp_path, compiled=HAS_CUDA)
-    identical = assert_greedy_close(stock, offload, **VS_STOCK)
-    assert identical >= len(PROMPTS) // 2
+    assert_greedy_close(stock, offload)
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="CUDA runs the stock comparison below")
 def test_tiny_fp8_equals_transformers(models, tmp_path):
     hf = generate(models["tiny-fp8"], tmp_path, helper="hf_generate")
-    assert_greedy_close(hf, offload_run(models, "tiny-fp8", tmp_path, compiled=False), **VS_HF)
+    # HF dequantises the weights but does not quantise activations to FP8 as vLLM does.
+    assert_greedy_close(hf, offload_run(models, "tiny-fp8", tmp_path, compiled=False))
 
 
 @pytest.mark.gpu
@@ -46,8 +41,7 @@ def test_tiny_fp8_equals_transformers(models, tmp_path):
 def test_tiny_fp8_equals_stock_cuda_graphs(models, tmp_path):
     stock = generate(models["tiny-fp8"], tmp_path, llm_kwargs={"enforce_eager": False})
     offload = offload_run(models, "tiny-fp8", tmp_path, compiled=True)
-    identical = assert_greedy_close(stock, offload, **VS_STOCK)
-    assert identical >= len(PROMPTS) // 2
+    assert_greedy_close(stock, offload)
 
 
 def test_plugin_is_inert_when_offload_is_off(models, tmp_path):

@@ -1,0 +1,3 @@
+from vllm_moe_offload.cli import main
+
+main()
