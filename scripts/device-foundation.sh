@@ -14,7 +14,9 @@ case "$1" in
 equality)
   python3 -m pytest -q -rs -p no:cacheprovider tests/e2e/test_equality.py ${2:+-k "$2"} \
     2>&1 | tee "$out/pytest-gpu.log" | tail -15
-  cp -r /tmp/pytest-of-root/pytest-0/*/run_llm-*.out.json "$out/" 2>/dev/null ;;
+  for f in /tmp/pytest-of-root/pytest-*/test_*/run_llm-*.out.json; do
+    [ -f "$f" ] && cp "$f" "$out/$(basename "$(dirname "$f")")-$(basename "$f")"
+  done ;;
 serve)
   python3 -m vllm_moe_offload make-model /root/tiny-fp8 --preset tiny-fp8 2>&1 | tail -1
   MOE_OFFLOAD_LOG_INTERVAL_S=1 vllm serve /root/tiny-fp8 --enable-expert-offload \

@@ -1,13 +1,14 @@
 """`OffloadSparseMoeBlock` and its custom op: route -> fetch missing experts -> grouped GEMM.
 
 The block owns no expert weights: they live in the shared `ExpertStore` (host) and
-`ExpertCache` (device slots). Its traced forward computes router logits and calls
-`torch.ops.vllm.moe_offload_experts`, which vLLM runs eagerly between CUDA-graph pieces;
+`ExpertCache` (device slots). Its traced forward calls `torch.ops.vllm.moe_offload_experts`,
+which vLLM runs eagerly between CUDA-graph pieces (router included, as upstream's op does);
 the op writes into an output allocated in traced code, so graph replays see a stable address.
 
 Dimensions: T tokens, K top-k, E experts, H hidden.
 """
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -60,23 +61,28 @@ class OffloadSparseMoeBlock(compat.UpstreamMoeBlock):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         is_1d = hidden_states.dim() == 1
         hidden = hidden_states.view(-1, hidden_states.shape[-1])  # [T, H]
-        router_logits, _ = self.gate(hidden)  # [T, E]
         out = torch.empty_like(hidden)  # [T, H], allocated in traced code
-        torch.ops.vllm.moe_offload_experts(hidden, router_logits, out, self.layer_name)
+        torch.ops.vllm.moe_offload_experts(hidden, out, self.layer_name)
         return out.squeeze(0) if is_1d else out
 
-    def run(self, hidden: torch.Tensor, router_logits: torch.Tensor, out: torch.Tensor) -> None:
-        """The op body, eager: one host sync (the routed expert set), fetches, GEMMs."""
+    def run(self, hidden: torch.Tensor, out: torch.Tensor) -> None:
+        """The op body, eager: router, one host sync (the routed expert set), fetches, GEMMs.
+
+        The router runs here, eagerly, as in upstream's fused-MoE op: compiled, its logits
+        would round differently from stock vLLM's and flip the rare near-tied top-k choice.
+        """
         cache, layer = self.cache, self.moe_index
+        router_logits, _ = self.gate(hidden)  # [T, E]
         topk_weights, topk_ids = kernels.route(router_logits, self.top_k,
                                                self.renormalize)  # [T, K]
-        experts = torch.unique(topk_ids).tolist()  # the host sync: which experts this step needs
+        ids_host = topk_ids.cpu().numpy()  # the host sync: which experts this step needs
+        experts = np.unique(ids_host).tolist()
         buffer = kernels.new_buffer(hidden, self.top_k)
         passes = cache.schedule(layer, experts)
         for group in passes:
             slots = cache.fetch(layer, group)
             kernels.run_pass(hidden, topk_weights, topk_ids, group, slots, cache.weights,
-                             cache.store.layout.block, buffer, self.n_routed_experts)
+                             cache.store.layout.block, buffer, self.n_routed_experts, ids_host)
         kernels.finish(buffer, out, self.top_k)
         stats = cache.stats
         stats.layer_steps += 1
@@ -84,13 +90,11 @@ class OffloadSparseMoeBlock(compat.UpstreamMoeBlock):
         stats.host_syncs += 1
 
 
-def _op(hidden: torch.Tensor, router_logits: torch.Tensor, out: torch.Tensor,
-        layer_name: str) -> None:
-    compat.forward_layer(layer_name).run(hidden, router_logits, out)
+def _op(hidden: torch.Tensor, out: torch.Tensor, layer_name: str) -> None:
+    compat.forward_layer(layer_name).run(hidden, out)
 
 
-def _op_fake(hidden: torch.Tensor, router_logits: torch.Tensor, out: torch.Tensor,
-             layer_name: str) -> None:
+def _op_fake(hidden: torch.Tensor, out: torch.Tensor, layer_name: str) -> None:
     return None
 
 

@@ -22,11 +22,12 @@ def new_buffer(hidden: torch.Tensor, top_k: int) -> torch.Tensor:
 
 
 def run_pass(hidden, topk_weights, topk_ids, experts, slots, weights, block, buffer,
-             num_experts: int) -> None:
+             num_experts: int, topk_ids_host=None) -> None:
+    """topk_ids_host: the same ids as a numpy array, if the caller already synced them."""
     if hidden.is_cuda:
         from vllm_moe_offload.kernels.grouped_gemm import grouped_experts_triton
         grouped_experts_triton(hidden, topk_weights, topk_ids, experts, slots, weights, block,
-                               buffer, num_experts)
+                               buffer, num_experts, topk_ids_host)
     else:
         grouped_experts(hidden, topk_weights, topk_ids, experts, slots, weights, block, buffer)
 

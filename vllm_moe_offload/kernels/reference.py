@@ -13,9 +13,7 @@ Dimensions: T tokens, K top-k, E experts, H hidden, I moe intermediate size, S c
 import torch
 import torch.nn.functional as F
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
-_SCALE_EPS = 1e-10  # vLLM's per_token_group_quant_fp8 floor on the group amax
+from vllm_moe_offload.kernels.quant import quantize_fp8_groups
 
 
 def route(router_logits: torch.Tensor, top_k: int, renormalize: bool
@@ -30,12 +28,8 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool
 
 def quantize_activation_fp8(x: torch.Tensor, group: int) -> torch.Tensor:
     """[n, K] -> the fp32 values that dynamic per-token-group FP8 quantisation represents."""
-    n, k = x.shape
-    assert k % group == 0, f"hidden dim {k} must be a multiple of the FP8 group {group}"
-    g = x.float().view(n, k // group, group)  # [n, K/g, g]
-    scale = g.abs().amax(dim=-1, keepdim=True).clamp(min=_SCALE_EPS) / FP8_MAX
-    q = (g / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return (q.float() * scale).view(n, k)
+    q, scale = quantize_fp8_groups(x, group)  # [n, K], [n, K/g]
+    return q.float() * scale.repeat_interleave(group, dim=1)
 
 
 def dequantize_weight_fp8(w: torch.Tensor, scale: torch.Tensor,

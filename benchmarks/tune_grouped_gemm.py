@@ -1,0 +1,75 @@
+"""Tunes the grouped GEMM's tile sizes on this GPU for the Qwen3-30B-A3B expert shape and
+writes vllm_moe_offload/kernels/configs/<device>,w<bytes>.json (read by `pick_config`).
+
+Every candidate is timed on the same inputs (uniform random top-8 routing) with
+triton.testing.do_bench (median); configs that do not compile are skipped.
+
+usage: python benchmarks/tune_grouped_gemm.py [--dtype fp8|bf16]
+"""
+
+import argparse
+import functools
+import itertools
+import json
+import time
+
+import torch
+import triton
+
+from vllm_moe_offload.kernels.grouped_gemm import _CONFIG_DIR, grouped_experts_triton
+from vllm_moe_offload.store import ExpertLayout
+
+H, INTER, E, K = 2048, 768, 128, 8
+TOKENS = [1, 4, 16, 64, 256, 1024, 4096]
+
+
+def candidates(weight_bytes: int):
+    bks = [128] if weight_bytes == 1 else [64]
+    for bm, bn, bk, warps, stages in itertools.product([16, 32, 64, 128], [64, 128], bks,
+                                                       [4, 8], [3, 4]):
+        yield dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dtype", default="fp8", choices=["fp8", "bf16"])
+    args = parser.parse_args()
+    fp8 = args.dtype == "fp8"
+    layout = ExpertLayout(H, INTER, torch.float8_e4m3fn if fp8 else torch.bfloat16,
+                          (128, 128) if fp8 else None)
+    pool = torch.randint(0, 0x3F, (E, layout.record_bytes), dtype=torch.uint8, device="cuda")
+    views = layout.views(pool)  # small finite FP8 / BF16 values; scales set below
+    if fp8:
+        views["s13"].fill_(1e-2)
+        views["s2"].fill_(1e-2)
+    table, report = {}, []
+    for t in TOKENS:
+        x = torch.randn(t, H, device="cuda", dtype=torch.bfloat16)
+        topk_ids = torch.rand(t, E, device="cuda").argsort(dim=1)[:, :K].to(torch.int32)
+        topk_w = torch.softmax(torch.rand(t, K, device="cuda"), dim=1)
+        ids_host = topk_ids.cpu().numpy()
+        experts = sorted(set(ids_host.reshape(-1).tolist()))
+        y = torch.zeros(t * K, H, dtype=torch.bfloat16, device="cuda")
+        best = None
+        for cfg in candidates(layout.weight_dtype.itemsize):
+            run = functools.partial(grouped_experts_triton, x, topk_w, topk_ids, experts,
+                                    experts, views, layout.block, y, E, ids_host, cfg)
+            try:
+                ms = triton.testing.do_bench(run, warmup=10, rep=40)
+            except Exception:  # out of shared memory or registers: not a candidate here
+                continue
+            if best is None or ms < best[0]:
+                best = (ms, cfg)
+        table[str(t * K)] = best[1]
+        report.append((t, best[0], best[1]))
+        print(f"tokens {t:>5}: {best[0]:.3f} ms  {best[1]}", flush=True)
+    name = torch.cuda.get_device_name().replace(" ", "_")
+    out = _CONFIG_DIR / f"{name},w{layout.weight_dtype.itemsize}.json"
+    out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "date":
+                               time.strftime("%Y-%m-%d"), "shape": dict(H=H, I=INTER, E=E, K=K),
+                               "configs": table}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
