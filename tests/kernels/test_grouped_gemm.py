@@ -13,6 +13,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from vllm_moe_offload.checkpoint import quantize_fp8_block  # noqa: E402
+from vllm_moe_offload.kernels import grouped_gemm  # noqa: E402
 from vllm_moe_offload.kernels.grouped_gemm import grouped_experts_triton  # noqa: E402
 from vllm_moe_offload.kernels.reference import grouped_experts, route  # noqa: E402
 from vllm_moe_offload.store import ExpertLayout  # noqa: E402
@@ -46,10 +47,12 @@ def random_pool(layout: ExpertLayout, slots: int, gen: torch.Generator) -> torch
     return pool.to(DEVICE)
 
 
+@pytest.mark.parametrize("plan", ["host", "device"])
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("tokens", [1, 7, 64, 300])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_matches_reference(shape, tokens, fp8):
+def test_matches_reference(shape, tokens, fp8, plan, monkeypatch):
+    monkeypatch.setattr(grouped_gemm, "HOST_PLAN_MAX_PAIRS", 1 << 30 if plan == "host" else 0)
     h, inter, e, k = shape
     gen = torch.Generator().manual_seed(tokens * 2 + fp8)
     layout = ExpertLayout(h, inter, torch.float8_e4m3fn if fp8 else torch.bfloat16,

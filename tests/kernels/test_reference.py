@@ -85,3 +85,9 @@ def test_route_renormalises_top_k():
     assert torch.allclose(w, torch.stack([p[3], p[2]])[None] / (p[3] + p[2]))
     w, _ = route(logits, 2, renormalize=False)
     assert torch.allclose(w.sum(), p[3] + p[2])
+
+
+def test_route_breaks_ties_towards_lower_ids():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 3.0, 2.0]], dtype=torch.bfloat16)
+    _, ids = route(logits, 3, renormalize=True)
+    assert ids.tolist() == [[1, 3, 2]]

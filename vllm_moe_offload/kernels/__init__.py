@@ -7,9 +7,25 @@ and `finish` writes the combined output.
 
 import torch
 
-from vllm_moe_offload.kernels.reference import grouped_experts, route
+from vllm_moe_offload.kernels import reference
+from vllm_moe_offload.kernels.reference import grouped_experts
 
 __all__ = ["finish", "new_buffer", "route", "run_pass"]
+
+
+def route(router_logits: torch.Tensor, top_k: int, renormalize: bool
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax top-k routing: on CUDA vLLM's own `fused_topk` (the kernel stock vLLM routes
+    with, so routing and tie-breaking match it), elsewhere the torch reference."""
+    if router_logits.is_cuda:
+        try:
+            from vllm.model_executor.layers.fused_moe import fused_topk
+        except ImportError:
+            fused_topk = None
+        if fused_topk is not None:
+            weights, ids, _ = fused_topk(router_logits, router_logits, top_k, renormalize)
+            return weights, ids
+    return reference.route(router_logits, top_k, renormalize)
 
 
 def new_buffer(hidden: torch.Tensor, top_k: int) -> torch.Tensor:

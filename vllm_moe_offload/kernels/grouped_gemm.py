@@ -2,8 +2,8 @@
 
 Algorithm. A step routes P = T*K (token, k) pairs. For one pass (a set of experts resident in
 known slots), `plan_blocks` groups the pass's pairs by expert and pads each group to BLOCK_M
-rows, on the host from the expert ids that the op's one sync already brought (a few small
-numpy operations instead of a dozen device launches), and ships the plan in one async copy.
+rows: for up to HOST_PLAN_MAX_PAIRS pairs on the host, from the expert ids that the op's one
+sync already brought, shipped in one async copy; for more, on the device without a sync.
 Kernel 1 computes, per block of pairs and tile of the intermediate dimension,
 act = silu(x W_gate^T) * (x W_up^T) [P, I]; kernel 2 computes
 y = w_topk * act W_2^T [P, H] and writes each pair's row, so out = y.view(T, K, H).sum(1).
@@ -32,6 +32,9 @@ import triton.language as tl
 from vllm_moe_offload.kernels.quant import quantize_fp8_groups
 
 FP8_GROUP = 128
+# Up to this many pairs the block plan is built on the host (numpy, a few microseconds per
+# hundred pairs, no launches); above it the argsort costs more than a dozen device launches.
+HOST_PLAN_MAX_PAIRS = 2048
 # Triton's CPU interpreter (TRITON_INTERPRET=1, used by CI) multiplies bf16 dot operands
 # wrongly (seen with Triton 3.9); it gets them upcast to fp32. Compiled kernels never do.
 _UPCAST_BF16 = os.environ.get("TRITON_INTERPRET") == "1"
@@ -82,6 +85,8 @@ def _w13_silu_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     group = tl.load(block_group_ptr + pid_m)
+    if group < 0:  # past the last block (device plans bound the grid from above)
+        return
     slot = tl.load(group_slot_ptr + group).to(tl.int64)
     pair = tl.load(sorted_pairs_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
     row_ok = pair < num_pairs
@@ -136,6 +141,8 @@ def _w2_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     group = tl.load(block_group_ptr + pid_m)
+    if group < 0:
+        return
     slot = tl.load(group_slot_ptr + group).to(tl.int64)
     pair = tl.load(sorted_pairs_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
     row_ok = pair < num_pairs
@@ -188,6 +195,41 @@ def plan_blocks(ids: np.ndarray, experts: list[int], num_experts: int,
     return sorted_pairs, block_group
 
 
+def plan_blocks_device(topk_ids: torch.Tensor, group_of_expert: torch.Tensor,
+                       num_groups: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Groups this pass's pairs by expert group, each padded to block_m rows. No host sync.
+
+    topk_ids [T, K]; group_of_expert [E] int32: the pass's group (0..num_groups-1) or -1.
+    Returns sorted_pairs [R] (pair ids, P marks padding) and block_group [R / block_m]
+    (the group of each block, -1 past the end), with R a bound known on the host.
+    """
+    flat = topk_ids.flatten()  # [P]
+    num_pairs = flat.numel()
+    group = group_of_expert[flat].long()  # [P]
+    valid = group >= 0
+    key = torch.where(valid, group, num_groups)  # invalid pairs sort last
+    order = torch.argsort(key, stable=True)  # [P]
+    counts = torch.zeros(num_groups + 1, dtype=torch.long, device=flat.device)
+    counts.scatter_add_(0, key, torch.ones_like(key))
+    counts = counts[:num_groups]  # [G]
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded_end = torch.cumsum(padded, 0)  # [G]
+    start, padded_start = torch.cumsum(counts, 0) - counts, padded_end - padded
+    rows = num_pairs + num_groups * (block_m - 1)
+    rows = (rows + block_m - 1) // block_m * block_m
+    sorted_key = key[order]  # [P]
+    rank = torch.arange(num_pairs, device=flat.device) - start.index_select(
+        0, sorted_key.clamp(max=num_groups - 1))
+    dest = padded_start.index_select(0, sorted_key.clamp(max=num_groups - 1)) + rank
+    dest = torch.where(sorted_key < num_groups, dest, rows)  # invalid pairs: dropped below
+    sorted_pairs = torch.full((rows + 1,), num_pairs, dtype=torch.int32, device=flat.device)
+    sorted_pairs.scatter_(0, dest, order.to(torch.int32))
+    block_start = torch.arange(0, rows, block_m, device=flat.device)
+    block_group = torch.searchsorted(padded_end, block_start, right=True)  # [R / block_m]
+    block_group = torch.where(block_group < num_groups, block_group, -1).to(torch.int32)
+    return sorted_pairs[:rows], block_group
+
+
 def _to_device(arrays: list[np.ndarray], device) -> list[torch.Tensor]:
     """One pinned, asynchronous host->device copy for several small int32 arrays."""
     host = torch.from_numpy(np.concatenate(arrays).astype(np.int32))
@@ -222,12 +264,20 @@ def grouped_experts_triton(hidden: torch.Tensor, topk_weights: torch.Tensor,
     assert h % bk == 0 and inter % bk == 0, (h, inter, bk)
     assert not is_fp8 or (tuple(block) == (FP8_GROUP, FP8_GROUP) and FP8_GROUP % bk == 0)
     device = hidden.device
-    ids = (topk_ids_host if topk_ids_host is not None else topk_ids.cpu().numpy()).reshape(-1)
-    sorted_pairs, block_group = plan_blocks(ids, experts, num_experts, bm)
-    if block_group.size == 0:
-        return
-    sorted_pairs, block_group, group_slot = _to_device(
-        [sorted_pairs, block_group, np.asarray(slots)], device)
+    if t * k <= HOST_PLAN_MAX_PAIRS:
+        ids = (topk_ids_host if topk_ids_host is not None
+               else topk_ids.cpu().numpy()).reshape(-1)
+        sorted_pairs, block_group = plan_blocks(ids, experts, num_experts, bm)
+        if block_group.size == 0:
+            return
+        sorted_pairs, block_group, group_slot = _to_device(
+            [sorted_pairs, block_group, np.asarray(slots)], device)
+    else:
+        group_of_expert = np.full(num_experts, -1, dtype=np.int32)
+        group_of_expert[experts] = np.arange(len(experts))
+        group_of_expert, group_slot = _to_device([group_of_expert, np.asarray(slots)], device)
+        sorted_pairs, block_group = plan_blocks_device(topk_ids, group_of_expert, len(experts),
+                                                       bm)
     num_pairs = t * k
     hidden = hidden.contiguous()
     x, x_scale = quantize_fp8_groups(hidden, FP8_GROUP) if is_fp8 else (hidden, hidden)

@@ -18,9 +18,13 @@ from vllm_moe_offload.kernels.quant import quantize_fp8_groups
 
 def route(router_logits: torch.Tensor, top_k: int, renormalize: bool
           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """[T, E] logits -> (weights fp32 [T, K], expert ids int64 [T, K])."""
+    """[T, E] logits -> (weights fp32 [T, K], expert ids int64 [T, K]).
+
+    Ties (frequent with bf16 logits) go to the lower expert id, as vLLM's top-k kernels do.
+    """
     probs = torch.softmax(router_logits.float(), dim=-1)  # [T, E]
-    weights, ids = probs.topk(top_k, dim=-1)  # [T, K]
+    weights, ids = probs.sort(dim=-1, descending=True, stable=True)
+    weights, ids = weights[:, :top_k], ids[:, :top_k]  # [T, K]
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, ids
