@@ -68,21 +68,22 @@ def generate(*args, **kwargs) -> dict:
     return json.loads(proc.result_path.read_text())
 
 
-def assert_greedy_close(ref: dict, test: dict, tie_nats: float = 1.25, drift_nats: float = 1.0,
+def assert_greedy_close(ref: dict, test: dict, drift_nats: float = 1.0,
                         min_mean_prefix: float = 8.0) -> list[int]:
-    """vLLM's check_logprobs_close convention, with explicit tolerances.
+    """vLLM's check_logprobs_close convention, plus two checks that a real bug fails.
 
-    Per prompt, tokens must be equal up to the first divergence; there, each run's token must
-    be in the other's top-5 and the two candidates must be a near-tie: their logprob gap in the
-    reference plus their gap in the test run at most `tie_nats`. Before it, the chosen tokens'
-    logprobs may differ by at most `drift_nats`. The matched prefixes must average at least
+    Per prompt, tokens must be equal up to the first divergence, and there each run's token
+    must be among the other run's top-5 (vLLM's rule). Before it, the chosen tokens' logprobs
+    may differ by at most `drift_nats`, and the matched prefixes must average at least
     `min_mean_prefix` tokens. Returns the matched prefix length of each prompt.
 
-    Why these numbers: a random model is chaotic, so correct runs that differ only in summation
-    order (or in a router top-k flip that rounding causes) still part at a near-tie after some
-    tokens: on an H200 with CUDA graphs, stock vs offload FP8 parted at 4-30 tokens (mean 15),
-    gaps <= 1.0, drift <= 0.6. A real bug does not: with the top-k renormalisation removed, runs
-    parted after 1-7 tokens (mean 2.1) with gaps of 1.5-8 nats.
+    Why: a random model is chaotic. Runs that differ only in summation order part after some
+    tokens, mostly at near-ties, sometimes where rounding flipped one router top-k choice,
+    which moves the logits by a few nats at once (seen on an H100, CUDA graphs, bf16: a
+    2-nat swap after 21 identical tokens). Over 8 prompts x 32 tokens correct runs matched
+    15-28 tokens on average, drift <= 0.6. A real bug fails fast: with the top-k
+    renormalisation removed, runs parted after 1-7 tokens (mean 2.1), some tokens outside
+    the other run's top-5.
     """
     prefixes = []
     for i, (a, b) in enumerate(zip(ref["token_ids"], test["token_ids"], strict=True)):
@@ -95,8 +96,6 @@ def assert_greedy_close(ref: dict, test: dict, tie_nats: float = 1.25, drift_nat
                 assert drift <= drift_nats, f"prompt {i} token {j}: logprob drift {drift:.3f}"
                 continue
             assert str(y) in lp_ref and str(x) in lp_test, f"prompt {i} token {j}: {x} vs {y}"
-            gap = (lp_ref[str(x)] - lp_ref[str(y)]) + (lp_test[str(y)] - lp_test[str(x)])
-            assert gap <= tie_nats, f"prompt {i} token {j}: {x} vs {y}, not a near-tie ({gap:.3f})"
             prefix = j
             break
         prefixes.append(prefix)
