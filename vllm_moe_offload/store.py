@@ -142,20 +142,24 @@ class ExpertStore:
         return [(layer, e, parts[p]) for layer, e, p in (~self.loaded).nonzero().tolist()]
 
     def fill_random(self, seed: int = 0) -> None:
-        """Random experts for load_format=dummy: small finite weights, unit-order outputs."""
+        """Random experts for load_format=dummy (speed runs): small finite weights, outputs of
+        unit order. One layer is drawn and copied to the others: drawing 29 GB of random
+        bytes would take minutes, copying takes seconds."""
         gen = torch.Generator().manual_seed(seed)
-        for views in self.views:
-            for name, view in views.items():
-                fan_in = view.shape[-1] * (self.layout.block[1] if name.startswith("s") else 1)
-                if name.startswith("s"):  # FP8 scales: weights |q| < 2 scaled to ~1/sqrt(K)
-                    view.fill_(1.0 / math.sqrt(fan_in))
-                elif self.layout.is_fp8:
-                    # Clearing bit 6 caps the e4m3 exponent: |q| < 2 and never NaN.
-                    raw = view.view(torch.uint8)
-                    raw.copy_(torch.randint(0, 256, raw.shape, generator=gen, dtype=torch.uint8))
-                    raw.bitwise_and_(0xBF)
-                else:
-                    view.uniform_(-1.0, 1.0, generator=gen).mul_(1.0 / math.sqrt(fan_in))
+        first = self.views[0]
+        for name, view in first.items():
+            fan_in = view.shape[-1] * (self.layout.block[1] if name.startswith("s") else 1)
+            if name.startswith("s"):  # FP8 scales: weights |q| < 2 scaled to ~1/sqrt(K)
+                view.fill_(1.0 / math.sqrt(fan_in))
+            elif self.layout.is_fp8:
+                # Clearing bit 6 caps the e4m3 exponent: |q| < 2 and never NaN.
+                raw = view.view(torch.uint8)
+                raw.copy_(torch.randint(0, 256, raw.shape, generator=gen, dtype=torch.uint8))
+                raw.bitwise_and_(0xBF)
+            else:
+                view.uniform_(-1.0, 1.0, generator=gen).mul_(1.0 / math.sqrt(fan_in))
+        for records in self.records[1:]:
+            records.copy_(self.records[0])
         self.loaded.fill_(True)
 
 

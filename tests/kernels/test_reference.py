@@ -91,3 +91,16 @@ def test_route_breaks_ties_towards_lower_ids():
     logits = torch.tensor([[1.0, 3.0, 2.0, 3.0, 2.0]], dtype=torch.bfloat16)
     _, ids = route(logits, 3, renormalize=True)
     assert ids.tolist() == [[1, 3, 2]]
+
+
+def test_route_honours_vllm_routing_simulation(monkeypatch):
+    from vllm_moe_offload import kernels
+    logits = torch.zeros(200, 16)
+    logits[:, 0] = 50.0  # the model's router always picks expert 0
+    _, ids = kernels.route(logits, 4, renormalize=True)
+    assert (ids == 0).any(dim=1).all()
+    monkeypatch.setenv("VLLM_MOE_ROUTING_SIMULATION_STRATEGY", "uniform_random")
+    weights, ids = kernels.route(logits, 4, renormalize=True)
+    assert ids.shape == (200, 4) and int(ids.min()) >= 0 and int(ids.max()) < 16
+    assert (ids == 0).any(dim=1).float().mean() < 0.5  # uniform: about 4 / 16 of tokens
+    assert torch.isfinite(weights).all()

@@ -5,6 +5,8 @@ A layer step accumulates its passes into a buffer (`new_buffer`), one `run_pass`
 and `finish` writes the combined output.
 """
 
+import os
+
 import torch
 
 from vllm_moe_offload.kernels import reference
@@ -16,7 +18,15 @@ __all__ = ["finish", "new_buffer", "route", "run_pass"]
 def route(router_logits: torch.Tensor, top_k: int, renormalize: bool
           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax top-k routing: on CUDA vLLM's own `fused_topk` (the kernel stock vLLM routes
-    with, so routing and tie-breaking match it), elsewhere the torch reference."""
+    with, so routing and tie-breaking match it), elsewhere the torch reference. With
+    VLLM_MOE_ROUTING_SIMULATION_STRATEGY set, vLLM's routing simulator decides instead, exactly
+    as it does for stock vLLM's MoE layers (benchmarks compare systems under equal routing)."""
+    strategy = os.environ.get("VLLM_MOE_ROUTING_SIMULATION_STRATEGY")
+    if strategy:
+        from vllm.model_executor.layers.fused_moe.router.routing_simulator_router import (
+            RoutingSimulator,
+        )
+        return RoutingSimulator.simulate_routing(router_logits, router_logits, strategy, top_k)
     if router_logits.is_cuda:
         try:
             from vllm.model_executor.layers.fused_moe import fused_topk
