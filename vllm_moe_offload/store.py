@@ -154,7 +154,8 @@ class ExpertStore:
             elif self.layout.is_fp8:
                 # Clearing bit 6 caps the e4m3 exponent: |q| < 2 and never NaN.
                 raw = view.view(torch.uint8)
-                raw.copy_(torch.randint(0, 256, raw.shape, generator=gen, dtype=torch.uint8))
+                raw.copy_(torch.randint(0, 256, raw.shape, generator=gen, dtype=torch.uint8,
+                                        device="cpu"))
                 raw.bitwise_and_(0xBF)
             else:
                 view.uniform_(-1.0, 1.0, generator=gen).mul_(1.0 / math.sqrt(fan_in))
