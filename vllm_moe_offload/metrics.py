@@ -1,7 +1,10 @@
-"""Reporting the offload counters: a periodic log line from the worker, and a stats call
-through vLLM's `collective_rpc` (`llm.collective_rpc("expert_offload_stats")`)."""
+"""Reporting the offload counters: a periodic log line from the worker, Prometheus metrics on
+`vllm serve`'s /metrics, and a stats call through vLLM's `collective_rpc`
+(`llm.collective_rpc("expert_offload_stats")`)."""
 
+import os
 import threading
+import time
 
 from vllm.logger import init_logger
 
@@ -11,21 +14,67 @@ from vllm_moe_offload.stats import OffloadStats
 logger = init_logger("vllm.moe_offload")
 
 
+class PrometheusExporter:
+    """Mirrors the counters into prometheus_client metrics that `vllm serve` shows on /metrics.
+
+    The cache lives in the engine-core process, whose metrics reach the API server's /metrics
+    only through prometheus_client's multiprocess mode: set PROMETHEUS_MULTIPROC_DIR (an empty
+    directory) before `vllm serve`. Without it nothing is exported.
+    """
+
+    _COUNTERS = {  # OffloadStats field -> (metric name, help)
+        "hits": ("moe_offload_expert_hits", "Routed experts found in the GPU expert cache"),
+        "misses": ("moe_offload_expert_misses", "Routed experts fetched from host memory"),
+        "evictions": ("moe_offload_expert_evictions", "Experts evicted from the cache"),
+        "bytes_h2d": ("moe_offload_h2d_bytes", "Host-to-device bytes moved for experts"),
+        "layer_steps": ("moe_offload_layer_steps", "MoE layer forwards"),
+    }
+
+    def __init__(self, stats: OffloadStats, num_slots: int):
+        from prometheus_client import Counter, Gauge
+        self.stats = stats
+        self._counters = {field: Counter(name, doc) for field, (name, doc)
+                          in self._COUNTERS.items()}
+        self._exported = dict.fromkeys(self._COUNTERS, 0)
+        Gauge("moe_offload_cache_slots", "Slots in the GPU expert cache",
+              multiprocess_mode="mostrecent").set(num_slots)
+
+    @classmethod
+    def maybe_create(cls, stats: OffloadStats, num_slots: int) -> "PrometheusExporter | None":
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            logger.info("expert offload: set PROMETHEUS_MULTIPROC_DIR to an empty directory "
+                        "before vllm serve to see moe_offload_* metrics on /metrics")
+            return None
+        return cls(stats, num_slots)
+
+    def export(self) -> None:
+        for field, counter in self._counters.items():
+            value = getattr(self.stats, field)
+            if value > self._exported[field]:
+                counter.inc(value - self._exported[field])
+                self._exported[field] = value
+
+
 class StatsReporter:
-    """Logs `expert offload: hits=... misses=...` every `interval_s` while the counters move.
+    """Every second: exports the counters to Prometheus (if enabled); every `interval_s` while
+    they move: logs `expert offload: hits=... misses=...`.
 
     A daemon thread rather than a check in the hot path: an idle server still reports the
     counters of its last requests.
     """
 
-    def __init__(self, stats: OffloadStats, interval_s: float):
+    TICK_S = 1.0
+
+    def __init__(self, stats: OffloadStats, interval_s: float,
+                 exporter: PrometheusExporter | None = None):
         self.stats = stats
         self.interval_s = interval_s
+        self.exporter = exporter
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        if self.interval_s <= 0 or self._thread is not None:
+        if (self.interval_s <= 0 and self.exporter is None) or self._thread is not None:
             return
         self._thread = threading.Thread(target=self._run, name="expert-offload-stats",
                                         daemon=True)
@@ -35,12 +84,17 @@ class StatsReporter:
         self._stop.set()
 
     def _run(self) -> None:
-        last = None
-        while not self._stop.wait(self.interval_s):
-            snapshot = self.stats.as_dict()
-            if snapshot != last:
-                logger.info("expert offload: %s", self.stats.summary())
-                last = snapshot
+        logged, last_log = None, time.monotonic()
+        while not self._stop.wait(min(self.TICK_S, self.interval_s or self.TICK_S)):
+            if self.exporter is not None:
+                self.exporter.export()
+            now = time.monotonic()
+            if self.interval_s > 0 and now - last_log >= self.interval_s:
+                snapshot = self.stats.as_dict()
+                if snapshot != logged:
+                    logger.info("expert offload: %s", self.stats.summary())
+                    logged = snapshot
+                last_log = now
 
 
 class OffloadWorkerExtension:

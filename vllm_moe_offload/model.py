@@ -13,7 +13,7 @@ from vllm_moe_offload.cache import ExpertCache
 from vllm_moe_offload.config import OffloadConfig
 from vllm_moe_offload.geometry import MoeGeometry
 from vllm_moe_offload.layer import OffloadSparseMoeBlock, register_op
-from vllm_moe_offload.metrics import StatsReporter, logger
+from vllm_moe_offload.metrics import PrometheusExporter, StatsReporter, logger
 from vllm_moe_offload.planner import GIB, CachePlan, format_bytes, plan_cache
 from vllm_moe_offload.store import ExpertStore
 
@@ -71,7 +71,9 @@ class Qwen3MoeOffloadForCausalLM(compat.UpstreamQwen3Moe):
         compat.add_splitting_op(vllm_config)
         if _is_dummy_load(vllm_config):
             store.fill_random(seed=vllm_config.model_config.seed or 0)
-        self._reporter = StatsReporter(cache.stats, envs.log_interval_s())
+        self._reporter = StatsReporter(cache.stats, envs.log_interval_s(),
+                                       PrometheusExporter.maybe_create(cache.stats,
+                                                                       cache.num_slots))
         self._reporter.start()
 
     def load_weights(self, weights) -> set[str]:

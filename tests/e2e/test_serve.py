@@ -1,5 +1,5 @@
 """`vllm serve --enable-expert-offload` as a real server: chat and completions answer, the
-offload counters are logged, and --help lists the flags."""
+offload counters are logged and move on /metrics, and --help lists the flags."""
 
 import re
 import subprocess
@@ -17,12 +17,22 @@ COUNTERS = re.compile(r"expert offload: hits=(\d+) misses=(\d+) hit_rate=\S+ evi
                       r"h2d=([\d.]+)MiB")
 
 
+def offload_metrics(url: str) -> dict[str, float]:
+    text = requests.get(f"{url}/metrics", timeout=30).text
+    return {name: float(value) for name, value in
+            re.findall(r"^(moe_offload_\w+) ([\d.e+]+)$", text, flags=re.MULTILINE)}
+
+
 def test_serve_answers_and_reports_counters(models, tmp_path):
     log = tmp_path / "serve.log"
     args = ["--enable-expert-offload", "--expert-cache-slots", str(CACHE_SLOTS)]
+    prometheus_dir = tmp_path / "prometheus"
+    prometheus_dir.mkdir()
+    env = engine_env(MOE_OFFLOAD_LOG_INTERVAL_S="1", PROMETHEUS_MULTIPROC_DIR=str(prometheus_dir))
     # No --enforce-eager: the server runs our op inside torch.compile'd code.
-    with vllm_server(models["tiny"], args, log,
-                     engine_env(MOE_OFFLOAD_LOG_INTERVAL_S="1")) as url:
+    with vllm_server(models["tiny"], args, log, env) as url:
+        time.sleep(2)  # the worker exports once a second
+        before = offload_metrics(url)
         warmup_end = len(log.read_text())  # counters logged after this cover our requests
         chat = requests.post(f"{url}/v1/chat/completions", timeout=120, json={
             "model": "tiny", "max_tokens": 16, "temperature": 0,
@@ -37,6 +47,11 @@ def test_serve_answers_and_reports_counters(models, tmp_path):
         while (not (lines := COUNTERS.findall(log.read_text()[warmup_end:]))
                and time.monotonic() < deadline):
             time.sleep(1)
+        after = offload_metrics(url)
+    assert before["moe_offload_cache_slots"] == CACHE_SLOTS, before
+    for counter in ("moe_offload_expert_hits_total", "moe_offload_expert_misses_total",
+                    "moe_offload_h2d_bytes_total", "moe_offload_layer_steps_total"):
+        assert after[counter] > before.get(counter, 0), (counter, before, after)
     assert lines, log.read_text()[-3000:]
     hits, misses, evictions, mib = lines[-1]
     assert int(hits) > 0 and int(misses) > 0 and int(evictions) > 0 and float(mib) > 0
