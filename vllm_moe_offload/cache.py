@@ -6,9 +6,11 @@ fit. Each layer therefore owns a fixed quota of the pool's slots (an even split)
 eviction policy decides only among its own residents: the hit rate never falls below the
 share of experts a layer keeps resident.
 
-A step's routed experts are fetched hot-first (already-resident experts form the first pass),
-and a step that routes to more experts than a layer's quota (a long prefill) is computed in
-several passes of at most `quota` experts each. Experts of the current pass are never evicted.
+Eviction policies live in `policies.py`. A step's routed experts are fetched hot-first
+(already-resident experts form the first pass), and a step that routes to more experts than
+a layer's quota (a long prefill) is computed in several passes of at most `quota` experts
+each. Experts of the current pass are never evicted. `prefetch` loads a layer's predicted
+experts before its step (see prefetch.py).
 
 Example:
     cache = ExpertCache(store, num_slots=96, policy="lru", device="cuda")
@@ -16,37 +18,11 @@ Example:
         slots = cache.fetch(layer, group)   # slot ids, in `group` order
 """
 
-from collections import OrderedDict
-
 import torch
 
+from vllm_moe_offload.policies import POLICIES
 from vllm_moe_offload.stats import OffloadStats
 from vllm_moe_offload.store import ExpertStore
-
-
-class LRUPolicy:
-    """Evicts the layer's least recently used resident expert."""
-
-    def __init__(self) -> None:
-        self._order: OrderedDict[int, None] = OrderedDict()  # oldest first
-
-    def insert(self, expert: int) -> None:
-        self._order[expert] = None
-
-    def touch(self, expert: int) -> None:
-        self._order.move_to_end(expert)
-
-    def remove(self, expert: int) -> None:
-        del self._order[expert]
-
-    def victim(self, protected: set[int]) -> int:
-        for expert in self._order:
-            if expert not in protected:
-                return expert
-        raise RuntimeError("expert offload: every resident expert is in use by this pass")
-
-
-POLICIES = {"lru": LRUPolicy}
 
 
 def layer_quotas(num_slots: int, num_layers: int, num_experts: int) -> list[int]:
@@ -74,7 +50,8 @@ class ExpertCache:
                       for s, q in zip(starts, self.quotas, strict=True)]
         self._slot_of: list[dict[int, int]] = [{} for _ in self.quotas]
         self._owner: dict[int, tuple[int, int]] = {}  # slot -> (layer, expert)
-        self._policy = [POLICIES[policy]() for _ in self.quotas]
+        self._policy = [POLICIES[policy](store.num_experts) for _ in self.quotas]
+        self._prefetched: list[set[int]] = [set() for _ in self.quotas]  # not yet resolved
         self.stats = OffloadStats()
 
     @property
@@ -86,7 +63,13 @@ class ExpertCache:
         return dict(self._slot_of[layer])
 
     def schedule(self, layer: int, experts: list[int]) -> list[list[int]]:
-        """Splits a step's experts into passes: resident ones first, at most `quota` each."""
+        """Called once per layer step with all its experts: resolves that layer's prefetches,
+        tells the policy, and splits the experts into passes, resident ones first, at most
+        `quota` each."""
+        used = self._prefetched[layer].intersection(experts)
+        self.stats.prefetch_used += len(used)
+        self._prefetched[layer].clear()
+        self._policy[layer].observe(experts)
         slot_of = self._slot_of[layer]
         ordered = [e for e in experts if e in slot_of] + [e for e in experts if e not in slot_of]
         q = self.quotas[layer]
@@ -103,7 +86,26 @@ class ExpertCache:
                 policy.touch(e)
             else:
                 self._load(layer, e, self._take_slot(layer, protected))
+                self.stats.misses += 1
         return [slot_of[e] for e in experts]
+
+    def prefetch(self, layer: int, experts: list[int]) -> int:
+        """Loads predicted experts of `layer` ahead of its step; returns how many were loaded.
+
+        A prefetched expert stays protected from other prefetches until the layer's step
+        resolves it (`schedule`); it may evict only the policy's victim among the rest, so a
+        wrong prediction costs its own bytes and, at worst, that victim.
+        """
+        pending = self._prefetched[layer]
+        loaded = 0
+        for e in experts:
+            if e in self._slot_of[layer] or len(pending) >= self.quotas[layer]:
+                continue
+            self._load(layer, e, self._take_slot(layer, pending | {e}))
+            pending.add(e)
+            self.stats.prefetches += 1
+            loaded += 1
+        return loaded
 
     def _take_slot(self, layer: int, protected: set[int]) -> int:
         if self._free[layer]:
@@ -121,7 +123,6 @@ class ExpertCache:
         self._slot_of[layer][expert] = slot
         self._owner[slot] = (layer, expert)
         self._policy[layer].insert(expert)
-        self.stats.misses += 1
         self.stats.bytes_h2d += self.slot_bytes
 
     def owners(self) -> dict[int, tuple[int, int]]:

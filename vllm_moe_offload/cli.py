@@ -9,8 +9,8 @@ before it calls `EngineArgs.add_cli_args`, so the wrapped version is the one use
 
 import argparse
 
-from vllm_moe_offload.cache import POLICIES
 from vllm_moe_offload.config import ADDITIONAL_CONFIG_KEY
+from vllm_moe_offload.policies import POLICIES
 
 # (flag, OffloadConfig key, argparse kwargs)
 _FLAGS = [
@@ -26,7 +26,7 @@ _FLAGS = [
           help="Expert cache size in experts, summed over MoE layers (instead of -gb).")),
     ("--expert-cache-policy", "policy",
      dict(type=str, default=None, choices=list(POLICIES),
-          help="Eviction policy of the expert cache (default: lru).")),
+          help="Eviction policy of each layer's share of the expert cache (default: lru).")),
     ("--expert-pinned-limit-gb", "pinned_limit_gb",
      dict(type=float, default=None,
           help="Fail at start-up if the host expert store would need more than this, GiB.")),

@@ -8,7 +8,7 @@ Example:
 from dataclasses import dataclass, fields
 from typing import Any
 
-from vllm_moe_offload.cache import POLICIES
+from vllm_moe_offload.policies import POLICIES
 
 ADDITIONAL_CONFIG_KEY = "expert_offload"
 

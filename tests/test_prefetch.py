@@ -1,0 +1,83 @@
+"""Eviction policies and the correlation prefetcher on scripted traces: exact counts."""
+
+import numpy as np
+import torch
+
+from tests.test_cache import LAYOUT, assert_slots_consistent
+from vllm_moe_offload.cache import ExpertCache
+from vllm_moe_offload.policies import CooccurrencePolicy, LFUPolicy
+from vllm_moe_offload.prefetch import CorrelationPrefetcher
+from vllm_moe_offload.store import ExpertStore
+
+
+def make_cache(num_slots=6, policy="lru", num_layers=2, num_experts=8) -> ExpertCache:
+    store = ExpertStore(LAYOUT, num_layers, num_experts, pin=False)
+    for records in store.records:
+        records.copy_(torch.randint(0, 256, records.shape, dtype=torch.uint8))
+    return ExpertCache(store, num_slots, policy, device="cpu")
+
+
+def step(cache, layer, experts):
+    for group in cache.schedule(layer, experts):
+        cache.fetch(layer, group)
+
+
+def test_lfu_keeps_the_frequent_expert():
+    policy = LFUPolicy(8, decay=1.0)
+    for e in (1, 2, 3):
+        policy.insert(e)
+    for experts in ([1], [1], [2], [1, 3]):
+        policy.observe(experts)
+    assert policy.victim(protected=set()) == 2  # 1 used 3x, 3 used once but later, 2 once
+    assert policy.victim(protected={2}) == 3
+
+
+def test_cooccurrence_evicts_the_stranger():
+    policy = CooccurrencePolicy(8)
+    for e in (1, 2, 3):
+        policy.insert(e)
+    for experts in ([1, 4], [2, 4], [2, 4], [3, 5], [4]):
+        policy.observe(experts)  # now protecting 4's step: 2 ran with 4 twice, 1 once, 3 never
+    assert policy.victim(protected={4}) == 3
+
+
+def test_prefetch_turns_a_miss_into_a_hit_and_is_protected():
+    cache = make_cache(num_slots=6)  # 3 per layer
+    step(cache, 1, [0, 1, 2])
+    assert cache.prefetch(1, [5, 6]) == 2  # evicts 0 and 1 (LRU), never the other prefetch
+    assert cache.prefetch(1, [7]) == 1  # evicts 2: 5 and 6 stay protected until layer 1 runs
+    assert set(cache.resident(1)) == {5, 6, 7}
+    hits, misses = cache.stats.hits, cache.stats.misses
+    step(cache, 1, [5, 6])
+    assert (cache.stats.hits - hits, cache.stats.misses - misses) == (2, 0)
+    s = cache.stats
+    assert (s.prefetches, s.prefetch_used) == (3, 2)
+    assert s.prefetch_precision == 2 / 3 and s.prefetch_recall == 2 / (2 + s.misses)
+    assert_slots_consistent(cache)
+
+
+def test_a_wrong_prediction_costs_only_its_bytes():
+    trace = [(0, [1, 2]), (1, [3]), (0, [1, 2]), (1, [3, 4])]
+    plain, guessed = make_cache(), make_cache()
+    for i, (layer, experts) in enumerate(trace):
+        if i == 1:
+            guessed.prefetch(1, [6])  # never used, takes a free slot
+        step(plain, layer, experts)
+        step(guessed, layer, experts)
+    assert (guessed.stats.hits, guessed.stats.misses) == (plain.stats.hits, plain.stats.misses)
+    assert guessed.stats.bytes_h2d - plain.stats.bytes_h2d == LAYOUT.record_bytes
+    assert guessed.stats.prefetch_used == 0
+
+
+def test_correlation_prefetcher_learns_a_transition():
+    rng = np.random.default_rng(0)
+    e, k = 16, 2
+    prefetcher = CorrelationPrefetcher(num_layers=2, num_experts=e, threshold=0.5)
+    for _ in range(50):  # layer 1 routes each token to (a + 1) mod E for each of its a
+        ids0 = np.stack([rng.choice(e, k, replace=False) for _ in range(4)])
+        prefetcher.observe(0, ids0)
+        prefetcher.observe(1, (ids0 + 1) % e)
+    ids0 = np.array([[3, 9], [3, 4]])
+    assert sorted(prefetcher.predict(0, ids0, max_experts=8)) == [4, 5, 10]
+    assert len(prefetcher.predict(0, ids0, max_experts=2)) == 2
+    assert prefetcher.predict(1, ids0, max_experts=8) == []  # no layer after the last

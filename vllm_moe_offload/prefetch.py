@@ -1,0 +1,53 @@
+"""`CorrelationPrefetcher`: predicts layer l+1's experts from layer l's routing of the batch.
+
+Online first-order statistics (Klotski's correlation idea): transitions[l][a, b] counts
+tokens routed to expert a at layer l and to b at layer l+1, decayed by `decay` per update so
+the table follows drifting traffic. For a batch routed at layer l, a token's chance to use b
+at l+1 is estimated as min(1, sum_k P(b | a_k)) with P(b | a) = transitions[a, b] / row sum,
+and the batch uses b unless every token misses it. Experts whose chance reaches `threshold`
+are predicted, most likely first, at most `max_experts` of them; below the threshold a guess
+is not worth the slot it would take.
+
+Example:
+    prefetcher = CorrelationPrefetcher(num_layers=48, num_experts=128)
+    prefetcher.observe(layer, ids)              # ids: [T, K] routed experts at `layer`
+    cache.prefetch(layer + 1, prefetcher.predict(layer, ids, max_experts=quota))
+"""
+
+import numpy as np
+
+
+class CorrelationPrefetcher:
+    def __init__(self, num_layers: int, num_experts: int, decay: float = 0.999,
+                 threshold: float = 0.5):
+        self.num_experts = num_experts
+        self.decay = decay
+        self.threshold = threshold
+        # [L-1, E, E] transition counts; a small prior keeps early rows from dividing by zero
+        self.transitions = np.full((max(num_layers - 1, 0), num_experts, num_experts), 1e-3)
+        self._previous: tuple[int, np.ndarray] | None = None  # (layer, ids [T, K])
+
+    def observe(self, layer: int, ids: np.ndarray) -> None:
+        """Records layer `layer`'s routing [T, K]; pairs it with layer-1's routing of the same
+        tokens if that was the previous observation."""
+        prev = self._previous
+        if prev is not None and prev[0] == layer - 1 and prev[1].shape[0] == ids.shape[0]:
+            table = self.transitions[layer - 1]
+            table *= self.decay
+            k = ids.shape[1]
+            src = np.repeat(prev[1], k, axis=1).reshape(-1)  # each a_i paired with every b_j
+            dst = np.tile(ids, (1, prev[1].shape[1])).reshape(-1)
+            np.add.at(table, (src, dst), 1.0)
+        self._previous = (layer, np.asarray(ids))
+
+    def predict(self, layer: int, ids: np.ndarray, max_experts: int) -> list[int]:
+        """Experts layer+1 is likely to route to, given layer `layer`'s routing [T, K]."""
+        if layer >= len(self.transitions) or max_experts <= 0:
+            return []
+        table = self.transitions[layer]
+        probs = table / table.sum(axis=1, keepdims=True)  # P(b | a) [E, E]
+        per_token = np.minimum(1.0, probs[ids].sum(axis=1))  # [T, E]
+        used = 1.0 - np.prod(1.0 - per_token, axis=0)  # [E] chance the batch uses b
+        order = np.argsort(-used, kind="stable")
+        chosen = [int(b) for b in order[:max_experts] if used[b] >= self.threshold]
+        return chosen
