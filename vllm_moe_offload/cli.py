@@ -9,7 +9,7 @@ before it calls `EngineArgs.add_cli_args`, so the wrapped version is the one use
 
 import argparse
 
-from vllm_moe_offload.config import ADDITIONAL_CONFIG_KEY
+from vllm_moe_offload.config import ADDITIONAL_CONFIG_KEY, PREFETCH_MODES
 from vllm_moe_offload.policies import POLICIES
 
 # (flag, OffloadConfig key, argparse kwargs)
@@ -26,7 +26,10 @@ _FLAGS = [
           help="Expert cache size in experts, summed over MoE layers (instead of -gb).")),
     ("--expert-cache-policy", "policy",
      dict(type=str, default=None, choices=list(POLICIES),
-          help="Eviction policy of each layer's share of the expert cache (default: lru).")),
+          help="Eviction policy of each layer's share of the expert cache (default: lfu).")),
+    ("--expert-prefetch", "prefetch",
+     dict(type=str, default=None, choices=list(PREFETCH_MODES),
+          help="Load the next layer's likely experts early (default: off).")),
     ("--expert-pinned-limit-gb", "pinned_limit_gb",
      dict(type=float, default=None,
           help="Fail at start-up if the host expert store would need more than this, GiB.")),

@@ -11,6 +11,7 @@ from typing import Any
 from vllm_moe_offload.policies import POLICIES
 
 ADDITIONAL_CONFIG_KEY = "expert_offload"
+PREFETCH_MODES = ("off", "correlation")
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,7 +19,8 @@ class OffloadConfig:
     enabled: bool = False
     cache_gb: float | None = None  # GPU expert cache budget in GiB ...
     cache_slots: int | None = None  # ... or in expert slots, summed over all MoE layers
-    policy: str = "lru"
+    policy: str = "lfu"  # beat or tied lru in every cell of benchmarks/cache_sim.py
+    prefetch: str = "off"  # "correlation": load the next layer's predicted experts early
     pinned_limit_gb: float | None = None  # cap on host memory for the expert store
 
     def __post_init__(self) -> None:
@@ -26,6 +28,7 @@ class OffloadConfig:
         _check_type("cache_gb", self.cache_gb, (int, float), optional=True)
         _check_type("cache_slots", self.cache_slots, int, optional=True)
         _check_type("policy", self.policy, str)
+        _check_type("prefetch", self.prefetch, str)
         _check_type("pinned_limit_gb", self.pinned_limit_gb, (int, float), optional=True)
         if self.cache_gb is not None and self.cache_slots is not None:
             raise ValueError("expert offload: give cache_gb (--expert-cache-gb) or cache_slots "
@@ -35,6 +38,9 @@ class OffloadConfig:
         if self.cache_slots is not None and self.cache_slots <= 0:
             raise ValueError(
                 f"expert offload: --expert-cache-slots must be > 0, got {self.cache_slots}")
+        if self.prefetch not in PREFETCH_MODES:
+            raise ValueError(f"expert offload: unknown --expert-prefetch {self.prefetch!r}; "
+                             f"choose one of {', '.join(PREFETCH_MODES)}")
         if self.policy not in POLICIES:
             raise ValueError(f"expert offload: unknown --expert-cache-policy {self.policy!r}; "
                              f"choose one of {', '.join(POLICIES)}")

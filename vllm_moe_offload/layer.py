@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from vllm_moe_offload import compat, kernels
 from vllm_moe_offload.cache import ExpertCache
+from vllm_moe_offload.prefetch import CorrelationPrefetcher
 
 
 class OffloadExperts(nn.Module):
@@ -42,7 +43,8 @@ class OffloadExperts(nn.Module):
 class OffloadSparseMoeBlock(compat.UpstreamMoeBlock):
     """Drop-in for Qwen3MoeSparseMoeBlock (a subclass, so upstream isinstance checks hold)."""
 
-    def __init__(self, vllm_config, prefix: str, *, cache: ExpertCache, moe_index: int):
+    def __init__(self, vllm_config, prefix: str, *, cache: ExpertCache, moe_index: int,
+                 prefetcher: CorrelationPrefetcher | None = None):
         nn.Module.__init__(self)  # never builds FusedMoE: no expert weights on the device
         config = vllm_config.model_config.hf_text_config
         self.top_k = config.num_experts_per_tok
@@ -55,6 +57,7 @@ class OffloadSparseMoeBlock(compat.UpstreamMoeBlock):
         self.experts = OffloadExperts(cache, moe_index, f"{prefix}.experts")
         self.cache = cache
         self.moe_index = moe_index
+        self.prefetcher = prefetcher
         self.layer_name = prefix
         compat.register_forward_layer(vllm_config, prefix, self)
 
@@ -84,10 +87,20 @@ class OffloadSparseMoeBlock(compat.UpstreamMoeBlock):
             kernels.run_pass(hidden, topk_weights, topk_ids, group, slots, cache.weights,
                              cache.store.layout.block, buffer, self.n_routed_experts, ids_host)
         kernels.finish(buffer, out, self.top_k)
+        if self.prefetcher is not None:
+            self._prefetch_next(ids_host)
         stats = cache.stats
         stats.layer_steps += 1
         stats.passes += len(passes)
         stats.host_syncs += 1
+
+    def _prefetch_next(self, ids_host: np.ndarray) -> None:
+        """Learns this layer's transition and loads the next MoE layer's likely experts."""
+        layer, cache = self.moe_index, self.cache
+        self.prefetcher.observe(layer, ids_host)
+        if layer + 1 < len(cache.quotas):
+            predicted = self.prefetcher.predict(layer, ids_host, cache.quotas[layer + 1])
+            cache.prefetch(layer + 1, predicted)
 
 
 def _op(hidden: torch.Tensor, out: torch.Tensor, layer_name: str) -> None:

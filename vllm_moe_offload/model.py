@@ -15,6 +15,7 @@ from vllm_moe_offload.geometry import MoeGeometry
 from vllm_moe_offload.layer import OffloadSparseMoeBlock, register_op
 from vllm_moe_offload.metrics import PrometheusExporter, StatsReporter, logger
 from vllm_moe_offload.planner import GIB, CachePlan, format_bytes, plan_cache
+from vllm_moe_offload.prefetch import CorrelationPrefetcher
 from vllm_moe_offload.store import ExpertStore
 
 
@@ -65,7 +66,9 @@ class Qwen3MoeOffloadForCausalLM(compat.UpstreamQwen3Moe):
         logger.info("expert offload: %s of experts in %s host memory; cache %s",
                     format_bytes(store.nbytes), "pinned" if store.pin else "pageable",
                     plan.describe(geometry))
-        with compat.swapped_moe_block(_bind_block(cache, geometry)):
+        prefetcher = (CorrelationPrefetcher(geometry.num_moe_layers, geometry.num_experts)
+                      if offload.prefetch == "correlation" else None)
+        with compat.swapped_moe_block(_bind_block(cache, geometry, prefetcher)):
             super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
         self.expert_cache = cache
         compat.add_splitting_op(vllm_config)
@@ -83,7 +86,8 @@ class Qwen3MoeOffloadForCausalLM(compat.UpstreamQwen3Moe):
         return loaded
 
 
-def _bind_block(cache: ExpertCache, geometry: MoeGeometry) -> type[OffloadSparseMoeBlock]:
+def _bind_block(cache: ExpertCache, geometry: MoeGeometry,
+                prefetcher: CorrelationPrefetcher | None) -> type[OffloadSparseMoeBlock]:
     """A block class whose instances share `cache`; built with upstream's arguments."""
     from vllm.model_executor.models.utils import extract_layer_index
     moe_index = {layer: i for i, layer in enumerate(geometry.moe_layers)}
@@ -91,7 +95,8 @@ def _bind_block(cache: ExpertCache, geometry: MoeGeometry) -> type[OffloadSparse
     class BoundOffloadSparseMoeBlock(OffloadSparseMoeBlock):
         def __init__(self, vllm_config, prefix: str = "", **_upstream_kwargs):
             super().__init__(vllm_config, prefix, cache=cache,
-                             moe_index=moe_index[extract_layer_index(prefix)])
+                             moe_index=moe_index[extract_layer_index(prefix)],
+                             prefetcher=prefetcher)
 
     return BoundOffloadSparseMoeBlock
 

@@ -8,7 +8,7 @@ class OffloadStats:
     hits: int = 0  # expert needed by a layer's step and already in a slot
     misses: int = 0  # expert fetched from host memory (one record each)
     evictions: int = 0  # resident expert dropped to make room
-    bytes_h2d: int = 0  # host->device bytes moved, misses x record size
+    bytes_h2d: int = 0  # host->device bytes moved, (misses + prefetches) x record size
     layer_steps: int = 0  # MoE layer forwards
     passes: int = 0  # compute passes: more than layer_steps when a step needs > quota experts
     host_syncs: int = 0  # device->host reads of the routed expert set, one per layer step

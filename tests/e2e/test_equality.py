@@ -10,12 +10,14 @@ pytestmark = pytest.mark.e2e
 OFFLOAD = {"expert_offload": {"enabled": True, "cache_slots": CACHE_SLOTS}}
 
 
-def offload_run(models, preset, tmp_path, compiled: bool):
+def offload_run(models, preset, tmp_path, compiled: bool, prefetch: str = "off"):
     """compiled: torch.compile (Dynamo traces around our op), plus PIECEWISE graphs on CUDA."""
-    out = generate(models[preset], tmp_path, OFFLOAD, llm_kwargs={"enforce_eager": not compiled})
+    settings = {"expert_offload": {**OFFLOAD["expert_offload"], "prefetch": prefetch}}
+    out = generate(models[preset], tmp_path, settings,
+                   llm_kwargs={"enforce_eager": not compiled})
     stats = out["stats"]
     assert stats["evictions"] > 0 and stats["misses"] > 0 and stats["hits"] > 0
-    assert stats["bytes_h2d"] == stats["misses"] * stats["slot_bytes"]
+    assert stats["bytes_h2d"] == (stats["misses"] + stats["prefetches"]) * stats["slot_bytes"]
     assert stats["num_slots"] == CACHE_SLOTS and stats["slots_per_layer"] == [6, 6]
     return out
 
@@ -27,6 +29,10 @@ def test_tiny_bf16_equals_stock(models, tmp_path):
     stock = generate(models["tiny"], tmp_path, llm_kwargs={"enforce_eager": not HAS_CUDA})
     offload = offload_run(models, "tiny", tmp_path, compiled=HAS_CUDA)
     assert_greedy_close(stock, offload)
+    # Prefetching changes what is resident, never what is computed.
+    prefetched = offload_run(models, "tiny", tmp_path, compiled=HAS_CUDA, prefetch="correlation")
+    assert prefetched["stats"]["prefetches"] > 0 and prefetched["stats"]["prefetch_used"] > 0
+    assert_greedy_close(stock, prefetched)
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="CUDA runs the stock comparison below")
