@@ -94,8 +94,21 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--model", default=None, help="checkpoint dir (default: a fresh tiny one)")
     demo.add_argument("--port", type=int, default=8765)
     demo.add_argument("--cache-slots", type=int, default=12)
+    plan = sub.add_parser("plan", help="predict tok/s against concurrency, recommend max-num-seqs")
+    plan.add_argument("model", help="checkpoint dir (its config.json) or a make-model preset name")
+    plan.add_argument("--profile", default=None,
+                      help="HardwareProfile JSON (default: measure this machine now)")
+    plan.add_argument("--cache-share", type=float, default=0.25,
+                      help="share of the experts the GPU cache holds (default 0.25)")
+    plan.add_argument("--tpot-ms", type=float, default=None, help="time-per-output-token target")
+    plan.add_argument("--overlap", action="store_true",
+                      help="assume fetches overlap compute (copy stream + prefetch)")
+    plan.add_argument("--out", default=None, help="write the plan as JSON")
     args = parser.parse_args(argv)
-    if args.command == "make-model":
+    if args.command == "plan":
+        from vllm_moe_offload.plan_cli import run_plan
+        run_plan(args)
+    elif args.command == "make-model":
         from pathlib import Path
 
         from vllm_moe_offload.checkpoint import write_checkpoint

@@ -61,3 +61,63 @@ def plan_cache(config: OffloadConfig, geometry: MoeGeometry,
             f"computed; use --expert-cache-slots >= {minimum} "
             f"(or --expert-cache-gb >= {minimum * slot_bytes / GIB:.3f})")
     return CachePlan(slots, slot_bytes, reason)
+
+
+def unique_experts(num_experts: int, top_k: int, tokens: float) -> float:
+    """Expected distinct experts a layer step touches when `tokens` tokens each route to top_k
+    of num_experts uniformly: E * (1 - (1 - K/E)^tokens) (Klotski's n-batch argument)."""
+    return num_experts * (1.0 - (1.0 - top_k / num_experts) ** tokens)
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    n: int  # concurrent sequences (--max-num-seqs)
+    unique_per_layer: float
+    io_ms_per_layer: float
+    gpu_ms_per_layer: float
+    step_ms: float  # one decode step through all MoE layers
+    tok_s: float
+    speedup: float  # over n = 1
+
+
+def solve(profile, geometry: MoeGeometry, resident_share: float,
+          n_values: tuple[int, ...] = (1, 4, 8, 16, 32, 64, 128), overlap: bool = False,
+          spec_tokens: int = 0, acceptance_length: float = 1.0) -> list[PlanRow]:
+    """Predicted decode throughput against concurrency n, under uniform routing.
+
+    A step serves n sequences x (spec_tokens + 1) tokens and yields n x acceptance_length
+    tokens. Per layer it fetches the unique experts that miss the cache (a share
+    1 - resident_share of them) and computes attention, the grouped GEMM and fixed overhead;
+    with `overlap` the copies hide behind compute (max), without it they add up.
+    """
+    fetch_ms = geometry.layout.record_bytes / (profile.h2d_gbps * 1e9) * 1e3
+    rows = []
+    for n in n_values:
+        tokens = n * (spec_tokens + 1)
+        unique = unique_experts(geometry.num_experts, geometry.top_k, tokens)
+        io = unique * (1.0 - resident_share) * fetch_ms
+        gpu = (profile.gemm_time_ms(tokens) + profile.attention_ms_per_seq * n
+               + profile.layer_overhead_ms)
+        per_layer = max(io, gpu) if overlap else io + gpu
+        step_ms = per_layer * geometry.num_moe_layers
+        tok_s = n * acceptance_length / step_ms * 1e3
+        rows.append(PlanRow(n, unique, io, gpu, step_ms, tok_s, 0.0))
+    base = rows[0].tok_s
+    return [PlanRow(**{**r.__dict__, "speedup": r.tok_s / base}) for r in rows]
+
+
+def recommend(rows: list[PlanRow], tpot_ms: float | None = None) -> PlanRow:
+    """Highest predicted tok/s whose step time (the TPOT) meets the target, if any."""
+    ok = [r for r in rows if tpot_ms is None or r.step_ms <= tpot_ms] or rows[:1]
+    return max(ok, key=lambda r: r.tok_s)
+
+
+def format_table(rows: list[PlanRow], chosen: PlanRow) -> str:
+    lines = [f"{'n':>5} {'unique/layer':>12} {'I/O ms/layer':>12} {'GPU ms/layer':>12} "
+             f"{'TPOT ms':>8} {'tok/s':>9} {'speed-up':>8}"]
+    for r in rows:
+        mark = "  <- recommended" if r is chosen else ""
+        lines.append(f"{r.n:>5} {r.unique_per_layer:>12.1f} {r.io_ms_per_layer:>12.3f} "
+                     f"{r.gpu_ms_per_layer:>12.3f} {r.step_ms:>8.1f} {r.tok_s:>9.1f} "
+                     f"{r.speedup:>7.1f}x{mark}")
+    return "\n".join(lines)

@@ -1,0 +1,65 @@
+"""The planner: the unique-expert model, the solver's choices, the profile and the CLI."""
+
+import json
+import random
+
+import pytest
+
+from vllm_moe_offload.cli import main
+from vllm_moe_offload.plan_cli import model_geometry
+from vllm_moe_offload.planner import recommend, solve, unique_experts
+from vllm_moe_offload.profiler import HardwareProfile, profile_hardware
+
+GEOMETRY = model_geometry("qwen3-30b-a3b-fp8")
+# Round numbers near the H100's: 50 GB/s PCIe, GEMM 0.25 ms at 1 token to 1 ms at 1024.
+PROFILE = HardwareProfile("test", 50.0, {1: 0.25, 64: 0.33, 1024: 1.0}, 0.3, 0.002)
+
+
+def test_unique_experts_matches_sampling():
+    rng = random.Random(0)
+    for tokens in (1, 8, 64):
+        draws = [len({e for _ in range(tokens) for e in rng.sample(range(128), 8)})
+                 for _ in range(300)]
+        assert unique_experts(128, 8, tokens) == pytest.approx(sum(draws) / 300, rel=0.03)
+
+
+def test_batching_amortises_fetches_and_tpot_caps_it():
+    rows = solve(PROFILE, GEOMETRY, resident_share=0.25)
+    assert [r.n for r in rows] == [1, 4, 8, 16, 32, 64, 128]
+    assert all(a.tok_s < b.tok_s for a, b in zip(rows, rows[1:], strict=False))
+    n1 = rows[0]
+    assert n1.unique_per_layer == pytest.approx(8.0)
+    fetch_ms = GEOMETRY.layout.record_bytes / 50e9 * 1e3
+    assert n1.io_ms_per_layer == pytest.approx(6 * fetch_ms)  # 8 experts, 75% miss
+    assert recommend(rows).n == 128
+    capped = recommend(rows, tpot_ms=rows[3].step_ms)
+    assert capped.n == 16 and capped.step_ms <= rows[3].step_ms
+
+
+def test_overlap_and_speculation():
+    plain = solve(PROFILE, GEOMETRY, 0.25, n_values=(1,))[0]
+    hidden = solve(PROFILE, GEOMETRY, 0.25, n_values=(1,), overlap=True)[0]
+    assert hidden.step_ms < plain.step_ms
+    spec = solve(PROFILE, GEOMETRY, 0.25, n_values=(1,), spec_tokens=3, acceptance_length=2.0)[0]
+    assert spec.unique_per_layer == pytest.approx(unique_experts(128, 8, 4))
+
+
+def test_profile_round_trip_and_interpolation():
+    again = HardwareProfile.from_json(PROFILE.to_json())
+    assert again == PROFILE
+    assert PROFILE.gemm_time_ms(8) == pytest.approx(0.25 + (0.33 - 0.25) * 0.5)
+
+
+def test_profile_measures_this_machine():
+    profile = profile_hardware(model_geometry("tiny"), "cpu", token_counts=(1, 8))
+    assert profile.h2d_gbps > 0 and set(profile.gemm_ms) == {1, 8}
+    assert all(ms > 0 for ms in profile.gemm_ms.values())
+
+
+def test_plan_command(tmp_path, capsys):
+    path = tmp_path / "profile.json"
+    path.write_text(PROFILE.to_json())
+    main(["plan", "qwen3-30b-a3b-fp8", "--profile", str(path), "--out", str(tmp_path / "p.json")])
+    out = capsys.readouterr().out
+    assert "<- recommended" in out and "--max-num-seqs 128" in out
+    assert json.loads((tmp_path / "p.json").read_text())["recommended_max_num_seqs"] == 128

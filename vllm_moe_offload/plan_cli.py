@@ -1,0 +1,45 @@
+"""`vllm-moe-offload plan`: a hardware profile and the model's shape in, the predicted
+tok/s table and the recommended concurrency out (printed, and as JSON with --out)."""
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from vllm_moe_offload.checkpoint import PRESETS, hf_config
+from vllm_moe_offload.geometry import MoeGeometry
+from vllm_moe_offload.planner import format_table, recommend, solve
+from vllm_moe_offload.profiler import HardwareProfile, profile_hardware
+
+
+def model_geometry(model: str) -> MoeGeometry:
+    if model in PRESETS:
+        config = hf_config(PRESETS[model])
+    else:
+        config = json.loads((Path(model) / "config.json").read_text())
+    quant = config.get("quantization_config")
+    return MoeGeometry.from_hf_config(SimpleNamespace(**config), torch.bfloat16,
+                                      quant.get("quant_method") if quant else None)
+
+
+def run_plan(args) -> None:
+    geometry = model_geometry(args.model)
+    if args.profile:
+        profile = HardwareProfile.from_json(Path(args.profile).read_text())
+    else:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        print(f"plan: measuring {device} (a few seconds)", flush=True)  # noqa: T201
+        profile = profile_hardware(geometry, device)
+    rows = solve(profile, geometry, args.cache_share, overlap=args.overlap)
+    chosen = recommend(rows, args.tpot_ms)
+    print(f"{profile.device}: h2d {profile.h2d_gbps:.1f} GB/s, cache share "  # noqa: T201
+          f"{args.cache_share:.0%}, {geometry.num_moe_layers} MoE layers, uniform routing")
+    print(format_table(rows, chosen))  # noqa: T201
+    print(f"recommended: --max-num-seqs {chosen.n}")  # noqa: T201
+    if args.out:
+        Path(args.out).write_text(json.dumps({"profile": asdict(profile),
+                                              "cache_share": args.cache_share,
+                                              "recommended_max_num_seqs": chosen.n,
+                                              "rows": [asdict(r) for r in rows]}, indent=2))

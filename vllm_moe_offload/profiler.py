@@ -1,0 +1,98 @@
+"""`HardwareProfile`: measured constants of this machine that the planner needs, as a value.
+
+`profile_hardware` measures, in a few seconds, on the device it is given: host->device
+bandwidth for expert-sized pinned copies, and the grouped expert GEMM time of one MoE layer
+step against the number of routed tokens (our kernel on CUDA, the torch reference elsewhere).
+Nothing is hard-coded: the expert shape comes from the model's `MoeGeometry`.
+
+Example:
+    profile = profile_hardware(geometry, "cuda")
+    Path("profile.json").write_text(profile.to_json())
+"""
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from vllm_moe_offload import kernels
+from vllm_moe_offload.geometry import MoeGeometry
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    device: str
+    h2d_gbps: float  # pinned host->device, expert-sized copies
+    gemm_ms: dict[int, float] = field(default_factory=dict)  # routed tokens -> ms per layer
+    layer_overhead_ms: float = 0.0  # fixed per MoE layer step (sync, plan, launches)
+    attention_ms_per_seq: float = 0.0  # per layer and decoding sequence (incl. dense parts)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "HardwareProfile":
+        raw = json.loads(text)
+        raw["gemm_ms"] = {int(k): float(v) for k, v in raw.get("gemm_ms", {}).items()}
+        return cls(**raw)
+
+    def gemm_time_ms(self, tokens: float) -> float:
+        """Expert GEMM ms of one layer step, interpolated in log-tokens between measurements."""
+        points = sorted(self.gemm_ms.items())
+        if not points:
+            return 0.0
+        xs = np.log([max(t, 1) for t, _ in points])
+        return float(np.interp(np.log(max(tokens, 1.0)), xs, [ms for _, ms in points]))
+
+
+def _time_ms(fn, device: str, repeats: int = 5) -> float:
+    fn()  # warm-up (compiles kernels)
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times))
+
+
+def measure_h2d_gbps(record_bytes: int, device: str, copies: int = 32) -> float:
+    src = torch.empty(copies, record_bytes, dtype=torch.uint8)
+    if device == "cuda":
+        src = src.pin_memory()
+    dst = torch.empty_like(src, device=device)
+
+    def copy_all():
+        for i in range(copies):
+            dst[i].copy_(src[i], non_blocking=True)
+    return src.numel() / (_time_ms(copy_all, device) * 1e6)
+
+
+def profile_hardware(geometry: MoeGeometry, device: str,
+                     token_counts: tuple[int, ...] = (1, 4, 16, 64, 256)) -> HardwareProfile:
+    layout, e, k = geometry.layout, geometry.num_experts, geometry.top_k
+    pool = torch.randint(0, 0x38, (e, layout.record_bytes), dtype=torch.uint8).to(device)
+    weights = layout.views(pool)  # small finite weights in every format
+    for name in ("s13", "s2"):
+        if name in weights:
+            weights[name].fill_(1e-2)
+    gemm_ms = {}
+    for t in token_counts:
+        hidden = torch.randn(t, layout.hidden, device=device).to(torch.bfloat16)
+        topk_w, topk_ids = kernels.route(torch.randn(t, e, device=device), k, True)
+        experts = torch.unique(topk_ids).tolist()
+
+        def step(hidden=hidden, topk_w=topk_w, topk_ids=topk_ids, experts=experts):
+            buffer = kernels.new_buffer(hidden, k)
+            kernels.run_pass(hidden, topk_w, topk_ids, experts, experts, weights,
+                             layout.block, buffer, e)
+        gemm_ms[t] = round(_time_ms(step, device), 4)
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    return HardwareProfile(device=name, h2d_gbps=round(measure_h2d_gbps(layout.record_bytes,
+                                                                         device), 2),
+                           gemm_ms=gemm_ms)
