@@ -48,6 +48,16 @@ def test_flags_fold_into_additional_config():
         parse(["--expert-cache-gb", "4"])
 
 
+def test_flags_join_an_enabled_additional_config():
+    parser = argparse.ArgumentParser()
+    add_offload_args(parser)
+    engine_args = types.SimpleNamespace(
+        additional_config={"expert_offload": {"enabled": True, "cache_slots": 8}})
+    fold_offload_args(parser.parse_args(["--expert-cache-policy", "lru"]), engine_args)
+    assert engine_args.additional_config == {
+        "expert_offload": {"enabled": True, "cache_slots": 8, "policy": "lru"}}
+
+
 def geometry(layers=4, experts=16, top_k=4):
     config = types.SimpleNamespace(num_experts=experts, num_experts_per_tok=top_k,
                                    hidden_size=128, moe_intermediate_size=64,

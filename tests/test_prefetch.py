@@ -81,3 +81,14 @@ def test_correlation_prefetcher_learns_a_transition():
     assert sorted(prefetcher.predict(0, ids0, max_experts=8)) == [4, 5, 10]
     assert len(prefetcher.predict(0, ids0, max_experts=2)) == 2
     assert prefetcher.predict(1, ids0, max_experts=8) == []  # no layer after the last
+
+
+def test_prediction_stays_finite_after_long_decay():
+    prefetcher = CorrelationPrefetcher(num_layers=2, num_experts=8, decay=0.5)
+    ids = np.array([[0, 1]])
+    for _ in range(2000):  # counts of rows never seen decay far below any float
+        prefetcher.observe(0, ids)
+        prefetcher.observe(1, ids)
+    with np.errstate(all="raise"):
+        assert prefetcher.predict(0, np.array([[5, 6]]), max_experts=4) == []
+    assert prefetcher.predict(0, ids, max_experts=4) == [0, 1]

@@ -58,7 +58,7 @@ def test_fill_random_is_finite():
 
 def test_more_than_the_machine_has_fails_before_allocating():
     layers = available_host_bytes() // (8 * FP8.record_bytes) + 1  # > available by design
-    with pytest.raises(ValueError, match="pinned host memory but only"):
+    with pytest.raises(ValueError, match="GiB of host memory but only"):
         ExpertStore(FP8, num_layers=layers, num_experts=8, pin=False)
 
 

@@ -51,11 +51,12 @@ def fold_offload_args(args: argparse.Namespace, engine_args) -> None:
     given = {k: v for k, v in values.items() if v is not None}
     if not given:
         return
-    if not given.get("enabled"):
+    additional = dict(engine_args.additional_config or {})
+    merged = {**additional.get(ADDITIONAL_CONFIG_KEY, {}), **given}
+    if not merged.get("enabled"):
         raise ValueError(f"expert offload: {sorted(given)} given without "
                          "--enable-expert-offload; add it or drop the expert flags")
-    additional = dict(engine_args.additional_config or {})
-    additional[ADDITIONAL_CONFIG_KEY] = {**additional.get(ADDITIONAL_CONFIG_KEY, {}), **given}
+    additional[ADDITIONAL_CONFIG_KEY] = merged
     engine_args.additional_config = additional
 
 
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
                       help="share of the experts the GPU cache holds (default 0.25)")
     plan.add_argument("--tpot-ms", type=float, default=None, help="time-per-output-token target")
     plan.add_argument("--overlap", action="store_true",
-                      help="assume fetches overlap compute (copy stream + prefetch)")
+                      help="what-if: fetches hidden behind compute (not implemented yet)")
     plan.add_argument("--out", default=None, help="write the plan as JSON")
     args = parser.parse_args(argv)
     if args.command == "plan":

@@ -60,8 +60,9 @@ def register_forward_layer(vllm_config, name: str, layer: nn.Module) -> None:
 def add_splitting_op(vllm_config) -> None:
     """Runs our op eagerly between piecewise CUDA-graph pieces: it reads routing on the host.
 
-    Only a non-empty list is extended; an empty one means full-graph compilation, which the
-    config hook rejects when offload is on.
+    Only a non-empty list is extended: an empty one means full-graph compilation (no
+    splitting at all), where our op would be captured; the config hook rejects the FULL
+    CUDA-graph modes that would capture it.
     """
     ops = vllm_config.compilation_config.splitting_ops
     if ops and OP_QUALNAME not in ops:

@@ -12,4 +12,8 @@ import os
 
 
 def log_interval_s() -> float:
-    return float(os.environ.get("MOE_OFFLOAD_LOG_INTERVAL_S", "10"))
+    value = float(os.environ.get("MOE_OFFLOAD_LOG_INTERVAL_S", "10"))
+    if value < 0:
+        raise ValueError(f"MOE_OFFLOAD_LOG_INTERVAL_S must be >= 0 (0 turns the log off), "
+                         f"got {value}")
+    return value

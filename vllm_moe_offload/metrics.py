@@ -80,9 +80,6 @@ class StatsReporter:
                                         daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
-        self._stop.set()
-
     def _run(self) -> None:
         logged, last_log = None, time.monotonic()
         while not self._stop.wait(min(self.TICK_S, self.interval_s or self.TICK_S)):

@@ -4,6 +4,7 @@ Example:
     plan = plan_cache(OffloadConfig(enabled=True, cache_gb=8), geometry, device_bytes=None)
 """
 
+import math
 from dataclasses import dataclass
 
 from vllm_moe_offload.config import OffloadConfig
@@ -54,12 +55,13 @@ def plan_cache(config: OffloadConfig, geometry: MoeGeometry,
     if slots > total:
         slots, reason = total, reason + "; capped at all experts"
     minimum = geometry.top_k * geometry.num_moe_layers
+    minimum_gb = math.ceil(minimum * slot_bytes / GIB * 1000) / 1000  # rounded up: sufficient
     if slots < minimum:
         raise ValueError(
             f"expert offload: a cache of {slots} slots gives {slots // geometry.num_moe_layers} "
-            f"per MoE layer, fewer than top-k={geometry.top_k}, so a single token could not be "
-            f"computed; use --expert-cache-slots >= {minimum} "
-            f"(or --expert-cache-gb >= {minimum * slot_bytes / GIB:.3f})")
+            f"per MoE layer, fewer than top-k={geometry.top_k}: no token's experts could be "
+            f"resident together, so every step would refetch them; use --expert-cache-slots "
+            f">= {minimum} (or --expert-cache-gb >= {minimum_gb:.3f})")
     return CachePlan(slots, slot_bytes, reason)
 
 

@@ -7,7 +7,7 @@ the set each step routes to (`observe`), and picks a `victim` outside a protecte
 - `lfu`: least frequently used, with exponential decay per layer step so that old popularity
   fades (half-life of about 70 steps at decay 0.99); ties go to the least recently used.
 - `cooccurrence`: the resident expert that co-occurs least, over all past steps, with the
-  experts the current step protects (the expert co-occurrence graph of the EBCO study, which
+  experts of the layer's latest step (the expert co-occurrence graph of the EBCO study, which
   found it loses to LRU at small batch; kept for comparison); ties go to the LRU.
 """
 

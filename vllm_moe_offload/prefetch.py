@@ -16,6 +16,8 @@ Example:
 
 import numpy as np
 
+_PRIOR = 1e-3  # added to every transition count when predicting (not decayed with them)
+
 
 class CorrelationPrefetcher:
     def __init__(self, num_layers: int, num_experts: int, decay: float = 0.999,
@@ -23,8 +25,8 @@ class CorrelationPrefetcher:
         self.num_experts = num_experts
         self.decay = decay
         self.threshold = threshold
-        # [L-1, E, E] transition counts; a small prior keeps early rows from dividing by zero
-        self.transitions = np.full((max(num_layers - 1, 0), num_experts, num_experts), 1e-3)
+        # [L-1, E, E] decayed transition counts
+        self.transitions = np.zeros((max(num_layers - 1, 0), num_experts, num_experts))
         self._previous: tuple[int, np.ndarray] | None = None  # (layer, ids [T, K])
 
     def observe(self, layer: int, ids: np.ndarray) -> None:
@@ -44,7 +46,7 @@ class CorrelationPrefetcher:
         """Experts layer+1 is likely to route to, given layer `layer`'s routing [T, K]."""
         if layer >= len(self.transitions) or max_experts <= 0:
             return []
-        table = self.transitions[layer]
+        table = self.transitions[layer] + _PRIOR  # the prior: no row divides by zero, ever
         probs = table / table.sum(axis=1, keepdims=True)  # P(b | a) [E, E]
         per_token = np.minimum(1.0, probs[ids].sum(axis=1))  # [T, E]
         used = 1.0 - np.prod(1.0 - per_token, axis=0)  # [E] chance the batch uses b

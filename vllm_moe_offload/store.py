@@ -18,6 +18,7 @@ Example:
 """
 
 import math
+import weakref
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -120,8 +121,11 @@ class ExpertStore:
             err = torch.cuda.cudart().cudaHostRegister(records.data_ptr(), records.numel(), 0)
             if int(err) != 0:
                 raise RuntimeError(f"expert offload: cudaHostRegister of {records.numel()} bytes "
-                                   f"failed ({err}); lower the memory lock limit (ulimit -l) "
-                                   "or free host memory")
+                                   f"failed ({err}); raise the memory lock limit (ulimit -l "
+                                   "unlimited) or free host memory")
+            # Unpin before the allocator can hand the pages to another tensor.
+            weakref.finalize(records, torch.cuda.cudart().cudaHostUnregister,
+                             records.data_ptr())
         return records
 
     def record(self, layer: int, expert: int) -> torch.Tensor:
@@ -175,7 +179,7 @@ def check_host_memory(required: int, limit_bytes: int | None) -> None:
     available = available_host_bytes()
     if required > available:
         raise ValueError(
-            f"expert offload: the expert store needs {required / gib:.2f} GiB of pinned host "
+            f"expert offload: the expert store needs {required / gib:.2f} GiB of host "
             f"memory but only {available / gib:.2f} GiB is available; free host memory, use a "
             "machine with more RAM, or serve a smaller model")
 

@@ -25,7 +25,8 @@ def assert_fails(proc, message: str) -> None:
 
 
 @pytest.mark.parametrize("settings, message", [
-    (dict(cache_slots=4), "fewer than top-k=4, so a single token could not be computed; use "
+    (dict(cache_slots=4), "fewer than top-k=4: no token's experts could be resident "
+                          "together, so every step would refetch them; use "
                           "--expert-cache-slots >= 8"),
     (dict(policy="fifo"), "unknown --expert-cache-policy 'fifo'; choose one of lru"),
     (dict(pinned_limit_gb=1e-6), "more than pinned_limit_gb=0.00; raise pinned_limit_gb"),

@@ -12,7 +12,7 @@ Weights are read straight from the slot pool: the block's slot selects the exper
 FP8 (e4m3, 128x128 block scales): activations are quantised per token and 128-channel group
 before each GEMM, by vLLM's own quantiser on CUDA (kernels/quant.py); each BLOCK_K step adds
 dot(a_q, w_q) * a_scale * w_scale. Intermediates are rounded to the activation dtype where
-vLLM's caches round them (after each GEMM, after SiLU*mul).
+vLLM's caches round them (after GEMM1, after SiLU*mul, after GEMM2's routed-weight multiply).
 
 Assumptions (asserted in the wrappers): weights contiguous per slot with unit stride in K,
 H and I multiples of BLOCK_K, FP8 groups of 128 with BLOCK_K dividing 128.
