@@ -30,14 +30,14 @@ def run_plan(args) -> None:
         profile = HardwareProfile.from_json(Path(args.profile).read_text())
     else:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        print(f"plan: measuring {device} (a few seconds)", flush=True)  # noqa: T201
+        print(f"plan: measuring {device} (a few seconds)", flush=True)
         profile = profile_hardware(geometry, device)
     rows = solve(profile, geometry, args.cache_share, overlap=args.overlap)
     chosen = recommend(rows, args.tpot_ms)
-    print(f"{profile.device}: h2d {profile.h2d_gbps:.1f} GB/s, cache share "  # noqa: T201
+    print(f"{profile.device}: h2d {profile.h2d_gbps:.1f} GB/s, cache share "
           f"{args.cache_share:.0%}, {geometry.num_moe_layers} MoE layers, uniform routing")
-    print(format_table(rows, chosen))  # noqa: T201
-    print(f"recommended: --max-num-seqs {chosen.n}")  # noqa: T201
+    print(format_table(rows, chosen))
+    print(f"recommended: --max-num-seqs {chosen.n}")
     if args.out:
         Path(args.out).write_text(json.dumps({"profile": asdict(profile),
                                               "cache_share": args.cache_share,

@@ -54,6 +54,12 @@ def _tuned_configs(device_name: str, weight_bytes: int) -> list[tuple[int, dict]
     return sorted((int(pairs), cfg) for pairs, cfg in table.items())
 
 
+@functools.cache
+def _device_name(index: int | None) -> str:
+    """Queried once per device, not on every layer step."""
+    return torch.cuda.get_device_name(index)
+
+
 def pick_config(num_pairs: int, weight_bytes: int, device_name: str = "") -> dict:
     """Tile sizes for a pass over `num_pairs` pairs: the tuned row for the smallest tuned size
     at or above it, else a heuristic. Two-byte weights take BLOCK_K=64 so kernel 1's three
@@ -257,8 +263,7 @@ def grouped_experts_triton(hidden: torch.Tensor, topk_weights: torch.Tensor,
     inter = w2.shape[2]
     is_fp8 = block is not None
     cfg = dict(config) if config else pick_config(
-        t * k, w13.element_size(), torch.cuda.get_device_name(hidden.device)
-        if hidden.is_cuda else "")
+        t * k, w13.element_size(), _device_name(hidden.device.index) if hidden.is_cuda else "")
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
     assert w13.stride(2) == 1 and w2.stride(2) == 1, "weights need unit stride along K"
     assert h % bk == 0 and inter % bk == 0, (h, inter, bk)
