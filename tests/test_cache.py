@@ -56,8 +56,8 @@ def test_hot_first_and_passes_bounded_by_quota():
     cache = make_cache(num_slots=6)
     cache.fetch(0, [6, 7])
     passes = cache.schedule(0, [1, 2, 3, 6, 4, 7, 5])
-    assert passes[0][:2] == [6, 7]  # resident experts are computed first
-    assert [len(p) for p in passes] == [3, 3, 1]
+    # the resident experts form the first pass (computed while the others are copied)
+    assert passes == [[6, 7], [1, 2, 3], [4, 5]]
     for group in passes:
         slots = cache.fetch(0, group)
         assert len(set(slots)) == len(group)
@@ -90,3 +90,62 @@ def test_fetch_more_than_quota_is_refused():
     cache = make_cache(num_slots=4)
     with pytest.raises(AssertionError):
         cache.fetch(0, [0, 1, 2])
+
+
+class RecordingTransfers:
+    """Transfers' interface on CPU, recording the ordering calls the cache makes."""
+
+    is_cuda = False
+
+    def __init__(self):
+        self.waited, self.copies, self.marks = [], 0, 0
+
+    def copy(self, dst, src):
+        dst.copy_(src)
+        self.copies += 1
+
+    def copy_after(self, event):
+        if event is not None:
+            self.waited.append(event)
+
+    def mark_copied(self):
+        self.marks += 1
+        return f"copied-{self.marks}"
+
+    def synchronize(self):
+        pass
+
+
+def test_copy_into_a_slot_an_earlier_pass_reads_waits_for_that_pass():
+    cache = make_cache(num_slots=6)  # 3 slots per layer
+    cache.transfers = transfers = RecordingTransfers()
+    for group in cache.schedule(0, [0, 1, 2]):
+        cache.fetch(0, group)
+    passes = cache.schedule(0, [0, 1, 2, 3, 4])
+    assert passes == [[0, 1, 2], [3, 4]]
+    slots = cache.fetch(0, passes[0])
+    assert cache.take_ready(0) == f"copied-{transfers.marks}"  # a no-copy pass: last copies
+    assert cache.take_ready(0) is None  # taken once
+    cache.computed(slots, "pass-0-done")
+    cache.fetch(0, passes[1])  # evicts two experts that pass 0 is still reading
+    assert transfers.waited == ["pass-0-done", "pass-0-done"]
+    cache.schedule(0, [3])  # a new step: earlier passes are complete after its sync
+    cache.fetch(1, [5])
+    assert len(transfers.waited) == 2
+
+
+def test_preloaded_layers_hold_every_expert_and_count_lookups_as_hits():
+    cache = make_cache(num_slots=16, num_layers=2, num_experts=8)  # all resident
+    assert cache.resident_layers == [0, 1]
+    cache.preload()
+    assert cache.stats.preloaded == 16 and cache.stats.bytes_h2d == 0
+    assert_slots_consistent(cache)
+    experts, slots, slot_map = cache.resident_map(1)
+    assert experts == list(range(8)) and slot_map.tolist() == slots
+    ids = torch.tensor([[0, 3], [3, 5]])
+    from vllm_moe_offload.kernels import count_routing
+    r = cache.routing
+    count_routing(ids, r.routed[1], r.active[1], r.steps[1:2])
+    snap = cache.snapshot()
+    assert snap.hits == 3 and snap.misses == 0 and snap.layer_steps == 1
+    assert r.routed[1].tolist() == [1, 0, 0, 2, 0, 1, 0, 0]

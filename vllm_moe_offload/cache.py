@@ -6,23 +6,29 @@ fit. Each layer therefore owns a fixed quota of the pool's slots (an even split)
 eviction policy decides only among its own residents: the hit rate never falls below the
 share of experts a layer keeps resident.
 
-Eviction policies live in `policies.py`. A step's routed experts are fetched hot-first
-(already-resident experts form the first pass), and a step that routes to more experts than
-a layer's quota (a long prefill) is computed in several passes of at most `quota` experts
-each. Experts of the current pass are never evicted. `prefetch` loads a layer's predicted
-experts before its step (see prefetch.py).
+Eviction policies live in `policies.py`. A step's routed experts are computed hot-first:
+the resident ones form the first pass, which runs while the missing ones are copied (on the
+copy stream of `transfer.py`); missing experts follow in passes of at most `quota` experts
+(several when a long prefill routes to more experts than the quota). Experts of the current
+pass are never evicted. `prefetch` loads a layer's predicted experts before its step (see
+prefetch.py). A layer whose quota holds all its experts is loaded once (`preload`) and never
+syncs again: `layer.py` runs it inside CUDA graphs.
 
 Example:
     cache = ExpertCache(store, num_slots=96, policy="lru", device="cuda")
     for group in cache.schedule(layer, experts):
-        slots = cache.fetch(layer, group)   # slot ids, in `group` order
+        slots = cache.fetch(layer, group)   # slot ids, in `group` order; copies queued
+        ready = cache.take_ready(layer)     # event the pass's kernels wait on (CUDA)
 """
+
+from dataclasses import replace
 
 import torch
 
 from vllm_moe_offload.policies import POLICIES
-from vllm_moe_offload.stats import OffloadStats
+from vllm_moe_offload.stats import OffloadStats, RoutingCounters
 from vllm_moe_offload.store import ExpertStore
+from vllm_moe_offload.transfer import SlotMaps, Transfers
 
 
 def layer_quotas(num_slots: int, num_layers: int, num_experts: int) -> list[int]:
@@ -52,7 +58,15 @@ class ExpertCache:
         self._owner: dict[int, tuple[int, int]] = {}  # slot -> (layer, expert)
         self._policy = [POLICIES[policy](store.num_experts) for _ in self.quotas]
         self._prefetched: list[set[int]] = [set() for _ in self.quotas]  # not yet resolved
+        self._ready: list[torch.cuda.Event | None] = [None] * len(self.quotas)
+        self._readers: dict[int, torch.cuda.Event] = {}  # slot -> pass of this step reading it
+        self.transfers = Transfers(device)
+        self.maps = SlotMaps(store.num_experts, store.num_experts + 1, device)
+        self.resident_layers = [i for i, q in enumerate(self.quotas) if q == store.num_experts]
+        self._resident_maps: dict[int, tuple] = {}
         self.stats = OffloadStats()
+        self.routing = RoutingCounters(store.num_layers, store.num_experts,
+                                       pin=self.transfers.is_cuda)
 
     @property
     def slot_bytes(self) -> int:
@@ -63,17 +77,20 @@ class ExpertCache:
         return dict(self._slot_of[layer])
 
     def schedule(self, layer: int, experts: list[int]) -> list[list[int]]:
-        """Called once per layer step with all its experts: resolves that layer's prefetches,
-        tells the policy, and splits the experts into passes, resident ones first, at most
-        `quota` each."""
+        """Called once per layer step with all its experts, after the step's host sync:
+        resolves that layer's prefetches, tells the policy, and splits the experts into
+        passes: the resident ones first, then the missing ones, at most `quota` each."""
         used = self._prefetched[layer].intersection(experts)
         self.stats.prefetch_used += len(used)
         self._prefetched[layer].clear()
         self._policy[layer].observe(experts)
+        self._readers.clear()
+        self.maps.new_step()
         slot_of = self._slot_of[layer]
-        ordered = [e for e in experts if e in slot_of] + [e for e in experts if e not in slot_of]
+        hits = [e for e in experts if e in slot_of]
+        misses = [e for e in experts if e not in slot_of]
         q = self.quotas[layer]
-        return [ordered[i:i + q] for i in range(0, len(ordered), q)]
+        return ([hits] if hits else []) + [misses[i:i + q] for i in range(0, len(misses), q)]
 
     def fetch(self, layer: int, experts: list[int]) -> list[int]:
         """Makes `experts` (distinct, at most the layer's quota) resident; returns their slots."""
@@ -87,7 +104,26 @@ class ExpertCache:
             else:
                 self._load(layer, e, self._take_slot(layer, protected))
                 self.stats.misses += 1
+                self.stats.bytes_h2d += self.slot_bytes
+        self._mark_ready(layer)
         return [slot_of[e] for e in experts]
+
+    def take_ready(self, layer: int) -> "torch.cuda.Event | None":
+        """The event after the latest copies into `layer`'s slots not yet waited for (CUDA),
+        else None. The caller's compute stream waits on it before reading the slots."""
+        event, self._ready[layer] = self._ready[layer], None
+        return event
+
+    def computed(self, slots: list[int], event: "torch.cuda.Event | None") -> None:
+        """`slots` are read by compute queued before `event`: a copy into one of them later in
+        this step waits for it."""
+        if event is not None:
+            self._readers.update(dict.fromkeys(slots, event))
+
+    def _mark_ready(self, layer: int) -> None:
+        event = self.transfers.mark_copied()
+        if event is not None:
+            self._ready[layer] = event
 
     def prefetch(self, layer: int, experts: list[int]) -> int:
         """Loads predicted experts of `layer` ahead of its step; returns how many were loaded.
@@ -104,7 +140,9 @@ class ExpertCache:
             self._load(layer, e, self._take_slot(layer, pending | {e}))
             pending.add(e)
             self.stats.prefetches += 1
+            self.stats.bytes_h2d += self.slot_bytes
             loaded += 1
+        self._mark_ready(layer)
         return loaded
 
     def _take_slot(self, layer: int, protected: set[int]) -> int:
@@ -115,15 +153,44 @@ class ExpertCache:
         slot = self._slot_of[layer].pop(victim)
         del self._owner[slot]
         self.stats.evictions += 1
+        self.transfers.copy_after(self._readers.pop(slot, None))
         return slot
 
     def _load(self, layer: int, expert: int, slot: int) -> None:
-        # Pinned source: an asynchronous copy, ordered before the kernels on the same stream.
-        self.pool[slot].copy_(self.store.record(layer, expert), non_blocking=True)
+        self.transfers.copy(self.pool[slot], self.store.record(layer, expert))
         self._slot_of[layer][expert] = slot
         self._owner[slot] = (layer, expert)
         self._policy[layer].insert(expert)
-        self.stats.bytes_h2d += self.slot_bytes
+
+    def is_resident(self, layer: int) -> bool:
+        """The layer's quota holds all its experts: after `preload` it never fetches."""
+        return self.quotas[layer] == self.store.num_experts
+
+    def preload(self) -> None:
+        """Copies every expert of the layers that hold all theirs (once the store is filled)
+        and builds their device slot maps; waits for the copies."""
+        for layer in self.resident_layers:
+            experts = list(range(self.store.num_experts))
+            missing = [e for e in experts if e not in self._slot_of[layer]]
+            for e in missing:
+                self._load(layer, e, self._take_slot(layer, set(experts)))
+            self.stats.preloaded += len(missing)
+            slots = [self._slot_of[layer][e] for e in experts]
+            self._resident_maps[layer] = (experts, slots, torch.tensor(
+                slots, dtype=torch.int32, device=self.pool.device))
+        self.transfers.synchronize()
+
+    def resident_map(self, layer: int) -> tuple[list[int], list[int], torch.Tensor]:
+        """(experts, their slots, the same as an [E] int32 map on the device) of a preloaded
+        layer."""
+        return self._resident_maps[layer]
+
+    def snapshot(self) -> OffloadStats:
+        """The counters, with the lookups of preloaded layers (counted on the device, all
+        hits) folded in. Reads host memory only."""
+        layers = self.resident_layers
+        return replace(self.stats, hits=self.stats.hits + self.routing.lookups(layers),
+                       layer_steps=self.stats.layer_steps + self.routing.layer_steps(layers))
 
     def owners(self) -> dict[int, tuple[int, int]]:
         """slot -> (layer, expert) of every occupied slot (a copy), for checks and metrics."""

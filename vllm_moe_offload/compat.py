@@ -11,6 +11,7 @@ import vllm.model_executor.models.qwen3_moe as qwen3_moe
 
 OP_NAME = "moe_offload_experts"
 OP_QUALNAME = f"vllm::{OP_NAME}"
+RESIDENT_OP_NAME = "moe_resident_experts"
 # Upstream classes, captured at import, before any swap.
 _UPSTREAM_BLOCK = qwen3_moe.Qwen3MoeSparseMoeBlock
 UpstreamMoeBlock = _UPSTREAM_BLOCK

@@ -1,9 +1,11 @@
-"""`OffloadSparseMoeBlock` and its custom op: route -> fetch missing experts -> grouped GEMM.
+"""`OffloadSparseMoeBlock` and its custom ops: route -> fetch missing experts -> grouped GEMM.
 
 The block owns no expert weights: they live in the shared `ExpertStore` (host) and
 `ExpertCache` (device slots). Its traced forward calls `torch.ops.vllm.moe_offload_experts`,
-which vLLM runs eagerly between CUDA-graph pieces (router included, as upstream's op does);
-the op writes into an output allocated in traced code, so graph replays see a stable address.
+which vLLM runs eagerly between CUDA-graph pieces (router included, as upstream's op does),
+or, when its layer holds all its experts, `torch.ops.vllm.moe_resident_experts`, which has
+no host sync and is captured in the graphs. Both write into an output allocated in traced
+code, so graph replays see a stable address.
 
 Dimensions: T tokens, K top-k, E experts, H hidden.
 """
@@ -65,31 +67,57 @@ class OffloadSparseMoeBlock(compat.UpstreamMoeBlock):
         is_1d = hidden_states.dim() == 1
         hidden = hidden_states.view(-1, hidden_states.shape[-1])  # [T, H]
         out = torch.empty_like(hidden)  # [T, H], allocated in traced code
-        torch.ops.vllm.moe_offload_experts(hidden, out, self.layer_name)
+        if self.cache.is_resident(self.moe_index):
+            torch.ops.vllm.moe_resident_experts(hidden, out, self.layer_name)
+        else:
+            torch.ops.vllm.moe_offload_experts(hidden, out, self.layer_name)
         return out.squeeze(0) if is_1d else out
 
-    def run(self, hidden: torch.Tensor, out: torch.Tensor) -> None:
-        """The op body, eager: router, one host sync (the routed expert set), fetches, GEMMs.
+    def _route(self, hidden: torch.Tensor):
+        # The router runs inside the op, as in upstream's fused-MoE op: compiled, its logits
+        # would round differently from stock vLLM's and flip the rare near-tied top-k choice.
+        router_logits, _ = self.gate(hidden)  # [T, E]
+        topk_weights, topk_ids = kernels.route(router_logits, self.top_k, self.renormalize)
+        step = kernels.begin(hidden, topk_weights, topk_ids, self.cache.weights,
+                             self.cache.store.layout.block, self.n_routed_experts)
+        return topk_ids, step
 
-        The router runs here, eagerly, as in upstream's fused-MoE op: compiled, its logits
-        would round differently from stock vLLM's and flip the rare near-tied top-k choice.
+    def run_resident(self, hidden: torch.Tensor, out: torch.Tensor) -> None:
+        """The op body of a layer holding all its experts: no host sync, no copies, so vLLM
+        captures it in its CUDA graphs; routing is counted on the device."""
+        layer, cache = self.moe_index, self.cache
+        topk_ids, step = self._route(hidden)
+        experts, slots, slot_map = cache.resident_map(layer)
+        kernels.run_pass(step, cache.weights, experts, slots, slot_map)
+        kernels.finish(step, out)
+        routing = cache.routing
+        kernels.count_routing(topk_ids, routing.routed[layer], routing.active[layer],
+                              routing.steps[layer:layer + 1])
+
+    def run(self, hidden: torch.Tensor, out: torch.Tensor) -> None:
+        """The op body, eager: route, one host sync (the routed expert set), then passes.
+
+        The grouping and activation quantisation are queued before the sync, so the device
+        works while the host waits. Each pass waits only for its own copies; the resident
+        experts' pass runs while the missing ones arrive.
         """
         cache, layer = self.cache, self.moe_index
-        router_logits, _ = self.gate(hidden)  # [T, E]
-        topk_weights, topk_ids = kernels.route(router_logits, self.top_k,
-                                               self.renormalize)  # [T, K]
+        topk_ids, step = self._route(hidden)
         ids_host = topk_ids.cpu().numpy()  # the host sync: which experts this step needs
+        stats, transfers = cache.stats, cache.transfers
+        stats.stall_ms += transfers.collect_stall_ms()  # earlier waits are complete now
+        cache.routing.add(layer, ids_host)
         experts = np.unique(ids_host).tolist()
-        buffer = kernels.new_buffer(hidden, self.top_k)
         passes = cache.schedule(layer, experts)
-        for group in passes:
+        for i, group in enumerate(passes):
             slots = cache.fetch(layer, group)
-            kernels.run_pass(hidden, topk_weights, topk_ids, group, slots, cache.weights,
-                             cache.store.layout.block, buffer, self.n_routed_experts, ids_host)
-        kernels.finish(buffer, out, self.top_k)
+            transfers.wait_copied(cache.take_ready(layer))
+            kernels.run_pass(step, cache.weights, group, slots, cache.maps.upload(group, slots))
+            if i + 1 < len(passes):
+                cache.computed(slots, transfers.mark_computed())
+        kernels.finish(step, out)
         if self.prefetcher is not None:
             self._prefetch_next(ids_host)
-        stats = cache.stats
         stats.layer_steps += 1
         stats.passes += len(passes)
         stats.host_syncs += 1
@@ -107,14 +135,19 @@ def _op(hidden: torch.Tensor, out: torch.Tensor, layer_name: str) -> None:
     compat.forward_layer(layer_name).run(hidden, out)
 
 
+def _resident_op(hidden: torch.Tensor, out: torch.Tensor, layer_name: str) -> None:
+    compat.forward_layer(layer_name).run_resident(hidden, out)
+
+
 def _op_fake(hidden: torch.Tensor, out: torch.Tensor, layer_name: str) -> None:
     return None
 
 
-def register_op() -> None:
-    """Registers torch.ops.vllm.moe_offload_experts once per process."""
-    if hasattr(torch.ops.vllm, compat.OP_NAME):
-        return
+def register_ops() -> None:
+    """Registers torch.ops.vllm.moe_offload_experts (a CUDA-graph splitting op: it syncs on
+    routing) and torch.ops.vllm.moe_resident_experts (captured) once per process."""
     from vllm.utils.torch_utils import direct_register_custom_op
-    direct_register_custom_op(op_name=compat.OP_NAME, op_func=_op, mutates_args=["out"],
-                              fake_impl=_op_fake)
+    for name, body in ((compat.OP_NAME, _op), (compat.RESIDENT_OP_NAME, _resident_op)):
+        if not hasattr(torch.ops.vllm, name):
+            direct_register_custom_op(op_name=name, op_func=body, mutates_args=["out"],
+                                      fake_impl=_op_fake)

@@ -5,6 +5,7 @@
 import os
 import threading
 import time
+from collections.abc import Callable
 
 from vllm.logger import init_logger
 
@@ -30,9 +31,9 @@ class PrometheusExporter:
         "layer_steps": ("moe_offload_layer_steps", "MoE layer forwards"),
     }
 
-    def __init__(self, stats: OffloadStats, num_slots: int):
+    def __init__(self, snapshot: Callable[[], OffloadStats], num_slots: int):
         from prometheus_client import Counter, Gauge
-        self.stats = stats
+        self.snapshot = snapshot
         self._counters = {field: Counter(name, doc) for field, (name, doc)
                           in self._COUNTERS.items()}
         self._exported = dict.fromkeys(self._COUNTERS, 0)
@@ -40,16 +41,18 @@ class PrometheusExporter:
               multiprocess_mode="mostrecent").set(num_slots)
 
     @classmethod
-    def maybe_create(cls, stats: OffloadStats, num_slots: int) -> "PrometheusExporter | None":
+    def maybe_create(cls, snapshot: Callable[[], OffloadStats],
+                     num_slots: int) -> "PrometheusExporter | None":
         if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             logger.info("expert offload: set PROMETHEUS_MULTIPROC_DIR to an empty directory "
                         "before vllm serve to see moe_offload_* metrics on /metrics")
             return None
-        return cls(stats, num_slots)
+        return cls(snapshot, num_slots)
 
     def export(self) -> None:
+        stats = self.snapshot()
         for field, counter in self._counters.items():
-            value = getattr(self.stats, field)
+            value = getattr(stats, field)
             if value > self._exported[field]:
                 counter.inc(value - self._exported[field])
                 self._exported[field] = value
@@ -65,9 +68,9 @@ class StatsReporter:
 
     TICK_S = 1.0
 
-    def __init__(self, stats: OffloadStats, interval_s: float,
+    def __init__(self, snapshot: Callable[[], OffloadStats], interval_s: float,
                  exporter: PrometheusExporter | None = None):
-        self.stats = stats
+        self.snapshot = snapshot
         self.interval_s = interval_s
         self.exporter = exporter
         self._stop = threading.Event()
@@ -87,10 +90,10 @@ class StatsReporter:
                 self.exporter.export()
             now = time.monotonic()
             if self.interval_s > 0 and now - last_log >= self.interval_s:
-                snapshot = self.stats.as_dict()
-                if snapshot != logged:
-                    logger.info("expert offload: %s", self.stats.summary())
-                    logged = snapshot
+                stats = self.snapshot()
+                if stats != logged:
+                    logger.info("expert offload: %s", stats.summary())
+                    logged = stats
                 last_log = now
 
 
@@ -101,6 +104,6 @@ class OffloadWorkerExtension:
         cache = getattr(self.get_model(), "expert_cache", None)
         if cache is None:
             return None
-        return {**cache.stats.as_dict(), "num_slots": cache.num_slots,
+        return {**cache.snapshot().as_dict(), "num_slots": cache.num_slots,
                 "slot_bytes": cache.slot_bytes, "slots_per_layer": list(cache.quotas),
                 "slots_in_use": len(cache.owners())}

@@ -12,7 +12,7 @@ from vllm_moe_offload import compat, envs
 from vllm_moe_offload.cache import ExpertCache
 from vllm_moe_offload.config import OffloadConfig
 from vllm_moe_offload.geometry import MoeGeometry
-from vllm_moe_offload.layer import OffloadSparseMoeBlock, register_op
+from vllm_moe_offload.layer import OffloadSparseMoeBlock, register_ops
 from vllm_moe_offload.metrics import PrometheusExporter, StatsReporter, logger
 from vllm_moe_offload.planner import GIB, CachePlan, format_bytes, plan_cache
 from vllm_moe_offload.prefetch import CorrelationPrefetcher
@@ -57,7 +57,7 @@ class Qwen3MoeOffloadForCausalLM(compat.UpstreamQwen3Moe):
             super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
             self.expert_cache = None
             return
-        register_op()
+        register_ops()
         geometry, plan = plan_for(vllm_config, offload)
         store = ExpertStore(geometry.layout, geometry.num_moe_layers, geometry.num_experts,
                             limit_bytes=pinned_limit_bytes(offload))
@@ -71,11 +71,13 @@ class Qwen3MoeOffloadForCausalLM(compat.UpstreamQwen3Moe):
         with compat.swapped_moe_block(_bind_block(cache, geometry, prefetcher)):
             super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
         self.expert_cache = cache
-        compat.add_splitting_op(vllm_config)
+        if len(cache.resident_layers) < store.num_layers:
+            compat.add_splitting_op(vllm_config)
         if _is_dummy_load(vllm_config):
             store.fill_random(seed=vllm_config.model_config.seed or 0)
-        self._reporter = StatsReporter(cache.stats, envs.log_interval_s(),
-                                       PrometheusExporter.maybe_create(cache.stats,
+            cache.preload()
+        self._reporter = StatsReporter(cache.snapshot, envs.log_interval_s(),
+                                       PrometheusExporter.maybe_create(cache.snapshot,
                                                                        cache.num_slots))
         self._reporter.start()
 
@@ -83,6 +85,7 @@ class Qwen3MoeOffloadForCausalLM(compat.UpstreamQwen3Moe):
         loaded = super().load_weights(weights)
         if self.expert_cache is not None:
             _check_complete(self.expert_cache.store, self)
+            self.expert_cache.preload()
         return loaded
 
 

@@ -81,16 +81,19 @@ def profile_hardware(geometry: MoeGeometry, device: str,
     for name in ("s13", "s2"):
         if name in weights:
             weights[name].fill_(1e-2)
+    identity = torch.arange(e, dtype=torch.int32, device=device)  # expert e in slot e
     gemm_ms = {}
     for t in token_counts:
         hidden = torch.randn(t, layout.hidden, device=device).to(torch.bfloat16)
         topk_w, topk_ids = kernels.route(torch.randn(t, e, device=device), k, True)
         experts = torch.unique(topk_ids).tolist()
 
-        def step(hidden=hidden, topk_w=topk_w, topk_ids=topk_ids, experts=experts):
-            buffer = kernels.new_buffer(hidden, k)
-            kernels.run_pass(hidden, topk_w, topk_ids, experts, experts, weights,
-                             layout.block, buffer, e)
+        out = torch.empty_like(hidden)
+
+        def step(hidden=hidden, topk_w=topk_w, topk_ids=topk_ids, experts=experts, out=out):
+            run = kernels.begin(hidden, topk_w, topk_ids, weights, layout.block, e)
+            kernels.run_pass(run, weights, experts, experts, identity)
+            kernels.finish(run, out)
         gemm_ms[t] = round(_time_ms(step, device), 4)
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     return HardwareProfile(device=name, h2d_gbps=round(measure_h2d_gbps(layout.record_bytes,

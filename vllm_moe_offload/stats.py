@@ -1,6 +1,10 @@
-"""`OffloadStats`: the counters every fetch decision updates; everything reported reads these."""
+"""`OffloadStats`: the counters every fetch decision updates, and `RoutingCounters`: how often
+each layer routes to each expert. Everything reported reads these."""
 
 from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
 
 
 @dataclass
@@ -14,6 +18,8 @@ class OffloadStats:
     host_syncs: int = 0  # device->host reads of the routed expert set, one per layer step
     prefetches: int = 0  # experts loaded ahead of their layer's step (bytes in bytes_h2d)
     prefetch_used: int = 0  # prefetched experts that their layer's step then routed to
+    stall_ms: float = 0.0  # time the compute stream waited for expert copies
+    preloaded: int = 0  # experts copied once at start-up into layers that hold all theirs
 
     @property
     def hit_rate(self) -> float:
@@ -38,4 +44,36 @@ class OffloadStats:
     def summary(self) -> str:
         return (f"hits={self.hits} misses={self.misses} hit_rate={self.hit_rate:.3f} "
                 f"evictions={self.evictions} h2d={self.bytes_h2d / (1 << 20):.1f}MiB "
-                f"layer_steps={self.layer_steps}")
+                f"stall={self.stall_ms:.1f}ms layer_steps={self.layer_steps}")
+
+
+class RoutingCounters:
+    """Per MoE layer: steps, and per expert the routed (token, k) pairs and the steps that
+    routed to it at all (each such step is one cache lookup of that expert).
+
+    Kept in host memory, pinned with CUDA: layers that hold all their experts count on the
+    device (inside CUDA graphs, kernels/usage.py writes here through the mapping), the others
+    count on the host; readers never call into CUDA, so the stats thread cannot disturb a
+    graph capture.
+    """
+
+    def __init__(self, num_layers: int, num_experts: int, pin: bool = False):
+        def zeros(*shape):
+            return torch.zeros(*shape, dtype=torch.int64, pin_memory=pin)
+        self.routed, self.active, self.steps = (zeros(num_layers, num_experts),
+                                                zeros(num_layers, num_experts), zeros(num_layers))
+        self._routed, self._active, self._steps = (self.routed.numpy(), self.active.numpy(),
+                                                   self.steps.numpy())
+
+    def add(self, layer: int, ids: np.ndarray) -> None:
+        """One layer step's expert ids (any shape), counted on the host."""
+        counts = np.bincount(ids.reshape(-1), minlength=self._routed.shape[1])
+        self._routed[layer] += counts
+        self._active[layer] += counts > 0
+        self._steps[layer] += 1
+
+    def lookups(self, layers: list[int]) -> int:
+        return int(self._active[layers].sum())
+
+    def layer_steps(self, layers: list[int]) -> int:
+        return int(self._steps[layers].sum())

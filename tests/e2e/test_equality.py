@@ -33,6 +33,15 @@ def test_tiny_bf16_equals_stock(models, tmp_path):
     prefetched = offload_run(models, "tiny", tmp_path, compiled=HAS_CUDA, prefetch="correlation")
     assert prefetched["stats"]["prefetches"] > 0 and prefetched["stats"]["prefetch_used"] > 0
     assert_greedy_close(stock, prefetched)
+    # A cache holding every expert: preloaded once, then no fetch and no host sync (on CUDA
+    # the layer's op runs inside the CUDA graphs); its lookups are counted on the device.
+    everything = {"expert_offload": {"enabled": True, "cache_slots": 2 * 16}}
+    resident = generate(models["tiny"], tmp_path, everything,
+                        llm_kwargs={"enforce_eager": not HAS_CUDA})
+    stats = resident["stats"]
+    assert stats["preloaded"] == 32 and stats["misses"] == 0 and stats["bytes_h2d"] == 0
+    assert stats["host_syncs"] == 0 and stats["hits"] > 0 and stats["layer_steps"] > 0
+    assert_greedy_close(stock, resident)
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="CUDA runs the stock comparison below")

@@ -47,12 +47,16 @@ def random_pool(layout: ExpertLayout, slots: int, gen: torch.Generator) -> torch
     return pool.to(DEVICE)
 
 
-@pytest.mark.parametrize("plan", ["host", "device"])
+ALIGNS = ["torch", "vllm"] if DEVICE == "cuda" else ["torch"]
+
+
+@pytest.mark.parametrize("align", ALIGNS)
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("tokens", [1, 7, 64, 300])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_matches_reference(shape, tokens, fp8, plan, monkeypatch):
-    monkeypatch.setattr(grouped_gemm, "HOST_PLAN_MAX_PAIRS", 1 << 30 if plan == "host" else 0)
+def test_matches_reference(shape, tokens, fp8, align, monkeypatch):
+    if align == "torch":
+        monkeypatch.setattr(grouped_gemm, "_vllm_align", lambda: None)
     h, inter, e, k = shape
     gen = torch.Generator().manual_seed(tokens * 2 + fp8)
     layout = ExpertLayout(h, inter, torch.float8_e4m3fn if fp8 else torch.bfloat16,
@@ -77,3 +81,43 @@ def test_matches_reference(shape, tokens, fp8, plan, monkeypatch):
     grouped_experts(hidden, topk_w, topk_ids, experts, slot_ids, weights, layout.block, ref)
     rel = (out - ref).norm() / ref.norm()
     assert rel < REL_TOL, rel
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 300])
+def test_align_torch_groups_every_pair_once(tokens):
+    e, k, bm = 12, 4, 16
+    gen = torch.Generator().manual_seed(tokens)
+    topk_ids = torch.rand(tokens, e, generator=gen).argsort(dim=1)[:, :k].to(DEVICE)
+    sorted_pairs, block_expert, num_padded = grouped_gemm.align_torch(topk_ids, e, bm)
+    p, rows = tokens * k, int(num_padded)
+    assert rows % bm == 0 and rows <= sorted_pairs.numel()
+    used = sorted_pairs[:rows].cpu()
+    assert sorted(used[used < p].tolist()) == list(range(p))  # each pair exactly once
+    assert (used[rows:] if rows < used.numel() else used[:0]).numel() == 0
+    flat = topk_ids.flatten().cpu()
+    for b in range(rows // bm):
+        pairs = used[b * bm:(b + 1) * bm]
+        pairs = pairs[pairs < p]
+        assert (flat[pairs] == int(block_expert[b])).all()  # a block holds one expert's pairs
+
+
+def test_passes_share_one_plan():
+    """Two passes over one step (as the layer runs hot-first) equal one pass over all."""
+    h, inter, e, k, tokens = 256, 128, 12, 4, 9
+    gen = torch.Generator().manual_seed(3)
+    layout = ExpertLayout(h, inter, torch.bfloat16)
+    weights = layout.views(random_pool(layout, e, gen))
+    hidden = torch.randn(tokens, h, generator=gen).bfloat16().to(DEVICE)
+    topk_w, topk_ids = route(torch.randn(tokens, e, generator=gen).to(DEVICE), k, True)
+    routed = torch.unique(topk_ids).tolist()
+    both = []
+    for groups in ([routed], [routed[::2], routed[1::2]]):
+        plan = grouped_gemm.plan_step(hidden, topk_w, topk_ids, weights, None, e)
+        for group in groups:
+            grouped_gemm.run_pass(plan, weights,
+                                  grouped_gemm.slot_map_of(group, group, e, DEVICE))
+        out = torch.empty(tokens, h, dtype=torch.bfloat16, device=DEVICE)
+        grouped_gemm.combine(plan, out)
+        both.append(out)
+    assert torch.isfinite(both[0].float()).all()
+    assert torch.equal(both[0], both[1])

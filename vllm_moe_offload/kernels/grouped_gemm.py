@@ -1,12 +1,13 @@
 """Grouped expert MLP over cache slots, in Triton: the GPU twin of `reference.grouped_experts`.
 
-Algorithm. A step routes P = T*K (token, k) pairs. For one pass (a set of experts resident in
-known slots), `plan_blocks` groups the pass's pairs by expert and pads each group to BLOCK_M
-rows: for up to HOST_PLAN_MAX_PAIRS pairs on the host, from the expert ids that the op's one
-sync already brought, shipped in one async copy; for more, on the device without a sync.
-Kernel 1 computes, per block of pairs and tile of the intermediate dimension,
-act = silu(x W_gate^T) * (x W_up^T) [P, I]; kernel 2 computes
-y = w_topk * act W_2^T [P, H] and writes each pair's row, so out = y.view(T, K, H).sum(1).
+Algorithm. A layer step routes P = T*K (token, k) pairs. `plan_step` groups them by expert once
+per step, each group padded to BLOCK_M rows (vLLM's `moe_align_block_size` on CUDA, one launch
+and no host sync; a torch version elsewhere), and quantises the activations once. A step may
+run in several passes (the experts resident at once); `run_pass` takes the pass's expert->slot
+map on the device, and blocks whose expert maps to -1 return at once, so every pass reuses the
+step's grouping. Kernel 1 computes, per block of pairs and tile of the intermediate dimension,
+act = silu(x W_gate^T) * (x W_up^T) [P, I]; kernel 2 computes y = w_topk * act W_2^T [P, H]
+and writes each pair's row; `combine` sums the top-k rows of each token.
 Weights are read straight from the slot pool: the block's slot selects the expert.
 
 FP8 (e4m3, 128x128 block scales): activations are quantised per token and 128-channel group
@@ -22,9 +23,9 @@ Dimensions: T tokens, K top-k, P = T*K pairs, E experts, H hidden, I intermediat
 import functools
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -32,9 +33,6 @@ import triton.language as tl
 from vllm_moe_offload.kernels.quant import quantize_fp8_groups
 
 FP8_GROUP = 128
-# Up to this many pairs the block plan is built on the host (numpy, a few microseconds per
-# hundred pairs, no launches); above it the argsort costs more than a dozen device launches.
-HOST_PLAN_MAX_PAIRS = 2048
 # Triton's CPU interpreter (TRITON_INTERPRET=1, used by CI) multiplies bf16 dot operands
 # wrongly (seen with Triton 3.9); it gets them upcast to fp32. Compiled kernels never do.
 _UPCAST_BF16 = os.environ.get("TRITON_INTERPRET") == "1"
@@ -76,10 +74,19 @@ def pick_config(num_pairs: int, weight_bytes: int, device_name: str = "") -> dic
 
 
 @triton.jit
+def _block_slot(pid_m, block_expert_ptr, num_padded_ptr, slot_map_ptr, BLOCK_M: tl.constexpr):
+    """The slot holding block pid_m's expert; -1 past the padded end or outside the pass."""
+    in_range = pid_m * BLOCK_M < tl.load(num_padded_ptr)
+    expert = tl.load(block_expert_ptr + pid_m, mask=in_range, other=-1)
+    slot = tl.load(slot_map_ptr + expert, mask=expert >= 0, other=-1)
+    return slot.to(tl.int64)
+
+
+@triton.jit
 def _w13_silu_kernel(
     # tensors
     x_ptr, x_scale_ptr, w13_ptr, s13_ptr, act_ptr,
-    sorted_pairs_ptr, block_group_ptr, group_slot_ptr,
+    sorted_pairs_ptr, block_expert_ptr, num_padded_ptr, slot_map_ptr,
     # sizes
     num_pairs, top_k, hidden, inter,
     # strides
@@ -90,10 +97,9 @@ def _w13_silu_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    group = tl.load(block_group_ptr + pid_m)
-    if group < 0:  # past the last block (device plans bound the grid from above)
+    slot = _block_slot(pid_m, block_expert_ptr, num_padded_ptr, slot_map_ptr, BLOCK_M)
+    if slot < 0:  # past the padded end, or an expert outside this pass
         return
-    slot = tl.load(group_slot_ptr + group).to(tl.int64)
     pair = tl.load(sorted_pairs_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
     row_ok = pair < num_pairs
     token = tl.where(row_ok, pair // top_k, 0).to(tl.int64)
@@ -135,7 +141,7 @@ def _w13_silu_kernel(
 def _w2_kernel(
     # tensors
     a_ptr, a_scale_ptr, w2_ptr, s2_ptr, y_ptr, topk_weight_ptr,
-    sorted_pairs_ptr, block_group_ptr, group_slot_ptr,
+    sorted_pairs_ptr, block_expert_ptr, num_padded_ptr, slot_map_ptr,
     # sizes
     num_pairs, hidden, inter,
     # strides
@@ -146,10 +152,9 @@ def _w2_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    group = tl.load(block_group_ptr + pid_m)
-    if group < 0:
+    slot = _block_slot(pid_m, block_expert_ptr, num_padded_ptr, slot_map_ptr, BLOCK_M)
+    if slot < 0:  # past the padded end, or an expert outside this pass
         return
-    slot = tl.load(group_slot_ptr + group).to(tl.int64)
     pair = tl.load(sorted_pairs_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
     row_ok = pair < num_pairs
     safe_pair = tl.where(row_ok, pair, 0).to(tl.int64)
@@ -177,133 +182,153 @@ def _w2_kernel(
              mask=row_ok[:, None] & col_ok[None, :])
 
 
-def plan_blocks(ids: np.ndarray, experts: list[int], num_experts: int,
-                block_m: int) -> tuple[np.ndarray, np.ndarray]:
-    """Groups the pairs routed to `experts` by expert, each group padded to block_m rows.
+def _vllm_align():
+    try:
+        from vllm.model_executor.layers.fused_moe.moe_align_block_size import (
+            moe_align_block_size,
+        )
+    except ImportError:
+        return None
+    return moe_align_block_size
 
-    ids: the step's expert ids per pair, [P] on the host (the op's one sync brought them).
-    Returns sorted_pairs [R] (pair ids; P marks padding) and block_group [R / block_m] (the
-    index into `experts` of each block's expert).
+
+def align_torch(topk_ids: torch.Tensor, num_experts: int, block_m: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`moe_align_block_size` in torch ops, without a host sync: the pairs grouped by expert,
+    each group padded to block_m rows.
+
+    Returns sorted_pairs [R] (pair ids; P marks padding), block_expert [R / block_m] (the
+    expert of each block, -1 past the end) and num_padded [1] (rows in use), R a bound.
     """
-    num_pairs = ids.size
-    group_of = np.full(num_experts, -1, dtype=np.int64)
-    group_of[experts] = np.arange(len(experts))
-    group = group_of[ids]  # [P]
-    chosen = np.flatnonzero(group >= 0)
-    order = chosen[np.argsort(group[chosen], kind="stable")]  # pairs, grouped by expert
-    counts = np.bincount(group[chosen], minlength=len(experts))  # [G]
-    padded = -(-counts // block_m) * block_m
-    rank = np.arange(order.size) - np.repeat(np.cumsum(counts) - counts, counts)
-    dest = np.repeat(np.cumsum(padded) - padded, counts) + rank
-    sorted_pairs = np.full(int(padded.sum()), num_pairs, dtype=np.int32)
-    sorted_pairs[dest] = order
-    block_group = np.repeat(np.arange(len(experts), dtype=np.int32), padded // block_m)
-    return sorted_pairs, block_group
-
-
-def plan_blocks_device(topk_ids: torch.Tensor, group_of_expert: torch.Tensor,
-                       num_groups: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Groups this pass's pairs by expert group, each padded to block_m rows. No host sync.
-
-    topk_ids [T, K]; group_of_expert [E] int32: the pass's group (0..num_groups-1) or -1.
-    Returns sorted_pairs [R] (pair ids, P marks padding) and block_group [R / block_m]
-    (the group of each block, -1 past the end), with R a bound known on the host.
-    """
-    flat = topk_ids.flatten()  # [P]
+    flat = topk_ids.flatten().long()  # [P]
     num_pairs = flat.numel()
-    group = group_of_expert[flat].long()  # [P]
-    valid = group >= 0
-    key = torch.where(valid, group, num_groups)  # invalid pairs sort last
-    order = torch.argsort(key, stable=True)  # [P]
-    counts = torch.zeros(num_groups + 1, dtype=torch.long, device=flat.device)
-    counts.scatter_add_(0, key, torch.ones_like(key))
-    counts = counts[:num_groups]  # [G]
+    order = torch.argsort(flat, stable=True)  # [P]: pairs grouped by expert
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))  # [E]
     padded = (counts + block_m - 1) // block_m * block_m
-    padded_end = torch.cumsum(padded, 0)  # [G]
+    padded_end = torch.cumsum(padded, 0)
     start, padded_start = torch.cumsum(counts, 0) - counts, padded_end - padded
-    rows = num_pairs + num_groups * (block_m - 1)
-    rows = (rows + block_m - 1) // block_m * block_m
-    sorted_key = key[order]  # [P]
-    rank = torch.arange(num_pairs, device=flat.device) - start.index_select(
-        0, sorted_key.clamp(max=num_groups - 1))
-    dest = padded_start.index_select(0, sorted_key.clamp(max=num_groups - 1)) + rank
-    dest = torch.where(sorted_key < num_groups, dest, rows)  # invalid pairs: dropped below
-    sorted_pairs = torch.full((rows + 1,), num_pairs, dtype=torch.int32, device=flat.device)
-    sorted_pairs.scatter_(0, dest, order.to(torch.int32))
+    rows = triton.cdiv(num_pairs + num_experts * (block_m - 1), block_m) * block_m
+    sorted_expert = flat[order]
+    dest = padded_start[sorted_expert] + torch.arange(num_pairs, device=flat.device) \
+        - start[sorted_expert]
+    sorted_pairs = torch.full((rows,), num_pairs, dtype=torch.int32, device=flat.device)
+    sorted_pairs[dest] = order.to(torch.int32)
     block_start = torch.arange(0, rows, block_m, device=flat.device)
-    block_group = torch.searchsorted(padded_end, block_start, right=True)  # [R / block_m]
-    block_group = torch.where(block_group < num_groups, block_group, -1).to(torch.int32)
-    return sorted_pairs[:rows], block_group
+    block_expert = torch.searchsorted(padded_end, block_start, right=True)
+    block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
+    return sorted_pairs, block_expert, padded_end[-1:].to(torch.int32)
 
 
-def _to_device(arrays: list[np.ndarray], device) -> list[torch.Tensor]:
-    """One pinned, asynchronous host->device copy for several small int32 arrays."""
-    host = torch.from_numpy(np.concatenate(arrays).astype(np.int32))
-    if host.numel() and torch.cuda.is_available():
-        host = host.pin_memory()
-    flat = host.to(device, non_blocking=True)
-    return list(torch.split(flat, [a.size for a in arrays]))
+def align(topk_ids: torch.Tensor, num_experts: int, block_m: int
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """vLLM's `moe_align_block_size` on CUDA (the grouping stock vLLM's fused MoE uses), else
+    `align_torch`; same outputs either way (block_expert is only read below num_padded)."""
+    if topk_ids.is_cuda and (vllm_align := _vllm_align()) is not None:
+        return vllm_align(topk_ids, block_m, num_experts)
+    return align_torch(topk_ids, num_experts, block_m)
+
+
+@dataclass
+class StepPlan:
+    """One layer step's pairs grouped by expert and its quantised activations, shared by the
+    step's passes. y [P, H] holds each pair's routed-weighted output row."""
+
+    x: torch.Tensor  # [T, H] (FP8 when is_fp8)
+    x_scale: torch.Tensor  # [T, H / 128] fp32 (FP8), else x again
+    topk_weights: torch.Tensor  # [P] fp32
+    sorted_pairs: torch.Tensor
+    block_expert: torch.Tensor
+    num_padded: torch.Tensor
+    act: torch.Tensor  # [P, I]
+    y: torch.Tensor  # [P, H]
+    top_k: int
+    is_fp8: bool
+    config: dict
+
+    @property
+    def num_pairs(self) -> int:
+        return self.y.shape[0]
+
+
+def plan_step(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+              weights: dict[str, torch.Tensor], block: tuple[int, int] | None,
+              num_experts: int, y: torch.Tensor | None = None,
+              config: dict | None = None) -> StepPlan:
+    """hidden [T, H]; topk_weights, topk_ids [T, K]; weights: typed slot views (for the shape
+    and dtype); y: the output rows [P, H] if the caller keeps them, else allocated;
+    config: tile sizes (BLOCK_M/N/K, num_warps, num_stages) instead of `pick_config`'s."""
+    t, h = hidden.shape
+    k = topk_ids.shape[1]
+    w13, w2 = weights["w13"], weights["w2"]
+    inter = w2.shape[2]
+    is_fp8 = block is not None
+    cfg = dict(config) if config else pick_config(
+        t * k, w13.element_size(), _device_name(hidden.device.index) if hidden.is_cuda else "")
+    assert w13.stride(2) == 1 and w2.stride(2) == 1, "weights need unit stride along K"
+    assert h % cfg["BLOCK_K"] == 0 and inter % cfg["BLOCK_K"] == 0, (h, inter, cfg)
+    assert not is_fp8 or (tuple(block) == (FP8_GROUP, FP8_GROUP)
+                          and FP8_GROUP % cfg["BLOCK_K"] == 0)
+    sorted_pairs, block_expert, num_padded = align(topk_ids, num_experts, cfg["BLOCK_M"])
+    hidden = hidden.contiguous()
+    x, x_scale = quantize_fp8_groups(hidden, FP8_GROUP) if is_fp8 else (hidden, hidden)
+    if y is None:
+        y = torch.empty(t * k, h, dtype=hidden.dtype, device=hidden.device)
+    act = torch.empty(t * k, inter, dtype=hidden.dtype, device=hidden.device)
+    return StepPlan(x, x_scale, topk_weights.reshape(-1).float().contiguous(), sorted_pairs,
+                    block_expert, num_padded, act, y, k, is_fp8, cfg)
+
+
+def run_pass(plan: StepPlan, weights: dict[str, torch.Tensor], slot_map: torch.Tensor) -> None:
+    """Writes plan.y's rows of the pairs whose expert slot_map ([E] int32 on the device, -1:
+    not in this pass) places in a slot; other rows are left as they are."""
+    cfg = dict(plan.config)
+    bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
+    w13, w2 = weights["w13"], weights["w2"]  # [S, 2I, H], [S, H, I]
+    is_fp8, act, y = plan.is_fp8, plan.act, plan.y
+    num_pairs, h = y.shape
+    inter = act.shape[1]
+    s13 = weights["s13"] if is_fp8 else w13  # scale pointers are unused without FP8
+    s2 = weights["s2"] if is_fp8 else w13
+    blocks = (plan.block_expert.numel(), plan.sorted_pairs.numel() // bm)
+    grid_m = min(blocks)
+    meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP=FP8_GROUP, IS_FP8=is_fp8,
+                UPCAST=_UPCAST_BF16, **cfg)
+    x, xs = plan.x, plan.x_scale
+    _w13_silu_kernel[(grid_m, triton.cdiv(inter, bn))](
+        x, xs, w13, s13, act, plan.sorted_pairs, plan.block_expert, plan.num_padded, slot_map,
+        num_pairs, plan.top_k, h, inter,
+        x.stride(0), xs.stride(0), w13.stride(0), w13.stride(1),
+        s13.stride(0), s13.stride(1), s13.stride(2) if is_fp8 else 0, act.stride(0), **meta)
+    a, a_scale = quantize_fp8_groups(act, FP8_GROUP) if is_fp8 else (act, act)
+    _w2_kernel[(grid_m, triton.cdiv(h, bn))](
+        a, a_scale, w2, s2, y, plan.topk_weights, plan.sorted_pairs, plan.block_expert,
+        plan.num_padded, slot_map, num_pairs, h, inter,
+        a.stride(0), a_scale.stride(0), w2.stride(0), w2.stride(1),
+        s2.stride(0), s2.stride(1), s2.stride(2) if is_fp8 else 0, y.stride(0), **meta)
+
+
+def combine(plan: StepPlan, out: torch.Tensor) -> None:
+    """out [T, H] = the sum of each token's top-k rows, accumulated in fp32 (as vLLM's
+    moe_sum, which is this same reduction for top-k > 4)."""
+    torch.sum(plan.y.view(out.shape[0], plan.top_k, -1), dim=1, out=out)
+
+
+def slot_map_of(experts: list[int], slots: list[int], num_experts: int,
+                device) -> torch.Tensor:
+    """[E] int32 on `device`: slots[i] for experts[i], -1 elsewhere (tests and benchmarks;
+    the layer keeps its maps in reusable pinned buffers)."""
+    host = torch.full((num_experts,), -1, dtype=torch.int32)
+    host[torch.tensor(experts, dtype=torch.long)] = torch.tensor(slots, dtype=torch.int32)
+    return host.to(device)
 
 
 def grouped_experts_triton(hidden: torch.Tensor, topk_weights: torch.Tensor,
                            topk_ids: torch.Tensor, experts: list[int], slots: list[int],
                            weights: dict[str, torch.Tensor], block: tuple[int, int] | None,
                            y: torch.Tensor, num_experts: int,
-                           topk_ids_host: np.ndarray | None = None,
                            config: dict | None = None) -> None:
-    """Writes into y [T*K, H] the routed-weighted outputs of the pairs routed to `experts`
-    (held in `slots`); other rows are left as they are. out = y.view(T, K, H).sum(1).
-
-    hidden [T, H]; topk_weights (fp32), topk_ids [T, K]; weights: typed slot views;
-    config: tile sizes (BLOCK_M/N/K, num_warps, num_stages) instead of `pick_config`'s.
-    """
-    t, h = hidden.shape
-    k = topk_ids.shape[1]
-    w13, w2 = weights["w13"], weights["w2"]  # [S, 2I, H], [S, H, I]
-    inter = w2.shape[2]
-    is_fp8 = block is not None
-    cfg = dict(config) if config else pick_config(
-        t * k, w13.element_size(), _device_name(hidden.device.index) if hidden.is_cuda else "")
-    bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
-    assert w13.stride(2) == 1 and w2.stride(2) == 1, "weights need unit stride along K"
-    assert h % bk == 0 and inter % bk == 0, (h, inter, bk)
-    assert not is_fp8 or (tuple(block) == (FP8_GROUP, FP8_GROUP) and FP8_GROUP % bk == 0)
-    device = hidden.device
-    if t * k <= HOST_PLAN_MAX_PAIRS:
-        ids = (topk_ids_host if topk_ids_host is not None
-               else topk_ids.cpu().numpy()).reshape(-1)
-        sorted_pairs, block_group = plan_blocks(ids, experts, num_experts, bm)
-        if block_group.size == 0:
-            return
-        sorted_pairs, block_group, group_slot = _to_device(
-            [sorted_pairs, block_group, np.asarray(slots)], device)
-    else:
-        group_of_expert = np.full(num_experts, -1, dtype=np.int32)
-        group_of_expert[experts] = np.arange(len(experts))
-        group_of_expert, group_slot = _to_device([group_of_expert, np.asarray(slots)], device)
-        sorted_pairs, block_group = plan_blocks_device(topk_ids, group_of_expert, len(experts),
-                                                       bm)
-    num_pairs = t * k
-    hidden = hidden.contiguous()
-    x, x_scale = quantize_fp8_groups(hidden, FP8_GROUP) if is_fp8 else (hidden, hidden)
-    dummy = w13  # scale pointers are unused without FP8
-    s13 = weights["s13"] if is_fp8 else dummy
-    s2 = weights["s2"] if is_fp8 else dummy
-    act = torch.empty(num_pairs, inter, dtype=hidden.dtype, device=device)  # [P, I]
-    grid1 = (block_group.numel(), triton.cdiv(inter, bn))
-    _w13_silu_kernel[grid1](
-        x, x_scale, w13, s13, act, sorted_pairs, block_group, group_slot,
-        num_pairs, k, h, inter,
-        x.stride(0), x_scale.stride(0), w13.stride(0), w13.stride(1),
-        s13.stride(0), s13.stride(1), s13.stride(2) if is_fp8 else 0, act.stride(0),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP=FP8_GROUP, IS_FP8=is_fp8,
-        UPCAST=_UPCAST_BF16, **cfg)
-    a, a_scale = quantize_fp8_groups(act, FP8_GROUP) if is_fp8 else (act, act)
-    grid2 = (block_group.numel(), triton.cdiv(h, bn))
-    _w2_kernel[grid2](
-        a, a_scale, w2, s2, y, topk_weights.contiguous(), sorted_pairs, block_group, group_slot,
-        num_pairs, h, inter,
-        a.stride(0), a_scale.stride(0), w2.stride(0), w2.stride(1),
-        s2.stride(0), s2.stride(1), s2.stride(2) if is_fp8 else 0, y.stride(0),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP=FP8_GROUP, IS_FP8=is_fp8,
-        UPCAST=_UPCAST_BF16, **cfg)
+    """One pass in one call: writes into y [T*K, H] the routed-weighted outputs of the pairs
+    routed to `experts` (held in `slots`); other rows are left as they are."""
+    plan = plan_step(hidden, topk_weights, topk_ids, weights, block, num_experts, y, config)
+    run_pass(plan, weights, slot_map_of(experts, slots, num_experts, hidden.device))

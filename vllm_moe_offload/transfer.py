@@ -1,0 +1,109 @@
+"""Host->device traffic of the offload path: expert records on a dedicated copy stream, and
+the per-pass expert->slot maps the kernels read, with the events that order both against
+the compute stream.
+
+Ordering (CUDA). A pass's kernels wait on an event recorded after its experts' copies
+(`wait_copied`), so the compute stream stalls only for what that pass needs while earlier
+passes (the resident experts, hot-first) run. A copy into a slot that an earlier pass of the
+same step still reads first makes the copy stream wait for that pass (`copy_after`). Slots
+read in earlier steps need no event: each layer step begins with a host sync on its routing,
+after which the compute stream has finished everything queued before it.
+
+Stall: for every wait the compute stream records a timing event where it reaches the wait;
+the time from there to the copy's completion (if positive) is stall. Both events are complete
+by the next host sync, where `collect_stall_ms` reads them without another sync.
+
+On CPU every copy is synchronous and no event exists.
+"""
+
+import numpy as np
+import torch
+
+
+class Transfers:
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+        self.is_cuda = self.device.type == "cuda"
+        self.stream = torch.cuda.Stream(self.device) if self.is_cuda else None
+        self._waits: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._copies_since_mark = False
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """One expert record (pinned host -> slot), asynchronous on the copy stream."""
+        if self.stream is None:
+            dst.copy_(src)
+            return
+        with torch.cuda.stream(self.stream):
+            dst.copy_(src, non_blocking=True)
+        self._copies_since_mark = True
+
+    def copy_after(self, event: "torch.cuda.Event | None") -> None:
+        """Later copies wait until the compute stream has passed `event`."""
+        if self.stream is not None and event is not None:
+            self.stream.wait_event(event)
+
+    def mark_copied(self) -> "torch.cuda.Event | None":
+        """An event after every copy issued so far; None when nothing was copied since the
+        last mark (or on CPU)."""
+        if self.stream is None or not self._copies_since_mark:
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(self.stream)
+        self._copies_since_mark = False
+        return event
+
+    def mark_computed(self) -> "torch.cuda.Event | None":
+        """An event after the compute work queued so far (for `copy_after`)."""
+        if self.stream is None:
+            return None
+        event = torch.cuda.Event()
+        event.record()
+        return event
+
+    def wait_copied(self, event: "torch.cuda.Event | None") -> None:
+        """The compute stream waits for `event` (a `mark_copied`), timing the stall."""
+        if event is None:
+            return
+        reached = torch.cuda.Event(enable_timing=True)
+        reached.record()
+        torch.cuda.current_stream().wait_event(event)
+        self._waits.append((reached, event))
+
+    def collect_stall_ms(self) -> float:
+        """Stall of the waits recorded so far. Call only after a host sync on the compute
+        stream that followed them (the layer's routing sync): their events are complete."""
+        stall = sum(max(0.0, reached.elapsed_time(done)) for reached, done in self._waits)
+        self._waits.clear()
+        return stall
+
+    def synchronize(self) -> None:
+        if self.stream is not None:
+            self.stream.synchronize()
+
+
+class SlotMaps:
+    """Per-pass expert->slot maps ([E] int32, -1: not in the pass) for the kernels, staged
+    through pinned rows. Row i serves a step's i-th pass and is rewritten only in a later
+    layer step, after that step's host sync, when its previous upload has completed."""
+
+    def __init__(self, num_experts: int, max_passes: int, device: torch.device | str):
+        self.device = torch.device(device)
+        pin = self.device.type == "cuda"
+        self._host = torch.full((max_passes, num_experts), -1, dtype=torch.int32,
+                                pin_memory=pin)
+        self._host_np = self._host.numpy()
+        self._dev = self._host.to(self.device)
+        self._next = 0
+
+    def new_step(self) -> None:
+        self._next = 0
+
+    def upload(self, experts: list[int], slots: list[int]) -> torch.Tensor:
+        row = self._next
+        self._next += 1
+        host = self._host_np[row]
+        host.fill(-1)
+        host[np.asarray(experts, dtype=np.int64)] = slots
+        dev = self._dev[row]
+        dev.copy_(self._host[row], non_blocking=True)
+        return dev
