@@ -1,18 +1,21 @@
-"""End-to-end tokens/s of one system on the Qwen3-30B-A3B-Instruct-2507-FP8 shape
+"""End-to-end speed of one system on the Qwen3-30B-A3B-Instruct-2507-FP8 shape
 (load_format=dummy), in the method of ../shared/device/baseline_reference.py, which measured
 the `stock` and `uva` baselines in benchmarks.md: offline LLM, random prompt ids, temperature
-1.0, ignore_eos, one short warm-up generate, wall time of one `generate` per scenario.
+1.0, ignore_eos, one short warm-up generate, wall time of one `generate` per scenario. Per-
+request first-token and last-token times (vLLM's request stats) give TTFT and TPOT.
 
 usage (GPU machine, kit env; VLLM_MOE_ROUTING_SIMULATION_STRATEGY=uniform_random for uniform
-routing): python benchmarks/bench_e2e.py SYSTEM SCENARIOS [--out F.json]
-  SYSTEM: stock | uva25 | uva50 | offload25 | offload50 | offload100  (share of expert bytes
-          kept on the GPU)      SCENARIOS: comma-separated lat,thr,ttft
+routing): python benchmarks/bench_e2e.py SYSTEM SCENARIOS [--out F.json] [--preset P]
+  SYSTEM: stock | uvaNN | offloadNN | offloadNN+prefetch   (NN: percent of the expert bytes
+          held on the GPU)        SCENARIOS: comma-separated lat,thr,ttft
+Each run writes one JSON; benchmarks/e2e_report.py merges runs into the table, JSON and plot.
 """
 
 import argparse
 import json
 import os
 import random
+import statistics
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,30 +30,67 @@ GIB = 1 << 30
 
 
 def h2d_bandwidth(record_bytes: int) -> float:
-    """Pinned host->device copies of one expert record, bytes per second."""
+    """Pinned host->device copies of expert records, bytes per second (best of 3)."""
     src = torch.empty(64, record_bytes, dtype=torch.uint8).pin_memory()
     dst = torch.empty_like(src, device="cuda")
-    for _ in range(2):
+    best = 0.0
+    for _ in range(3):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for i in range(64):
             dst[i].copy_(src[i], non_blocking=True)
         torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-    return src.numel() / dt
+        best = max(best, src.numel() / (time.perf_counter() - t0))
+    return best
+
+
+def parse_system(system: str) -> tuple[str, float | None, bool]:
+    """'offload25+prefetch' -> ('offload', 0.25, True)."""
+    name, _, extra = system.partition("+")
+    for kind in ("uva", "offload"):
+        if name.startswith(kind):
+            return kind, int(name[len(kind):]) / 100, extra == "prefetch"
+    if name != "stock":
+        raise SystemExit(f"unknown system {system!r}")
+    return "stock", None, False
 
 
 def engine_kwargs(system: str, model_dir: Path, expert_gib: float) -> dict:
+    kind, share, prefetch = parse_system(system)
     kw = dict(model=str(model_dir), skip_tokenizer_init=True, load_format="dummy",
-              max_model_len=4096, kv_cache_memory_bytes=8 << 30, max_num_seqs=256, seed=0)
-    if system.startswith("uva"):  # exactly as baseline_reference.py
-        share = int(system[3:]) / 100
+              max_model_len=4096, kv_cache_memory_bytes=8 << 30, max_num_seqs=256, seed=0,
+              disable_log_stats=False)
+    if kind == "uva":  # exactly as baseline_reference.py
         kw.update(cpu_offload_gb=29.0 * (1 - share) * 0.93, cpu_offload_params={"experts"})
-    elif system.startswith("offload"):
-        share = int(system[7:]) / 100
-        kw["additional_config"] = {"expert_offload": {"enabled": True,
-                                                      "cache_gb": expert_gib * share}}
+    elif kind == "offload":
+        kw["additional_config"] = {"expert_offload": {
+            "enabled": True, "cache_gb": expert_gib * share,
+            "prefetch": "correlation" if prefetch else "off"}}
+    if not torch.cuda.is_available():  # a CPU smoke run of this script
+        kw.update(kv_cache_memory_bytes=None, max_model_len=512, gpu_memory_utilization=0.3,
+                  enforce_eager=True)
     return kw
+
+
+def request_times(outs) -> tuple[list[float], list[float]]:
+    """TTFT and TPOT (seconds) per request from vLLM's request stats, where present."""
+    ttft, tpot = [], []
+    for o in outs:
+        m = getattr(o, "metrics", None)
+        if m is None or not getattr(m, "first_token_ts", 0):
+            continue
+        ttft.append(m.first_token_latency)
+        n = len(o.outputs[0].token_ids)
+        if n > 1:
+            tpot.append((m.last_token_ts - m.first_token_ts) / (n - 1))
+    return ttft, tpot
+
+
+def pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    return round(statistics.quantiles(xs, n=100, method="inclusive")[q - 1] * 1e3, 2) \
+        if len(xs) > 1 else round(xs[0] * 1e3, 2)
 
 
 def main() -> None:
@@ -58,26 +98,29 @@ def main() -> None:
     parser.add_argument("system")
     parser.add_argument("scenarios")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--preset", default="qwen3-30b-a3b-fp8")
     args = parser.parse_args()
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    preset = PRESETS["qwen3-30b-a3b-fp8"]
-    config = hf_config(preset)
-    model_dir = Path("/root/q3shape-offload")
+    config = hf_config(PRESETS[args.preset])
+    model_dir = Path(os.environ.get("BENCH_MODEL_DIR", "/root/q3shape-offload"))
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / "config.json").write_text(json.dumps(config))
-    geometry = MoeGeometry.from_hf_config(SimpleNamespace(**config), torch.bfloat16, "fp8")
+    geometry = MoeGeometry.from_hf_config(SimpleNamespace(**config), torch.bfloat16,
+                                          "fp8" if "quantization_config" in config else None)
     expert_gib = geometry.total_experts * geometry.layout.record_bytes / GIB
-    bw = h2d_bandwidth(geometry.layout.record_bytes)
+    cuda = torch.cuda.is_available()
+    bw = h2d_bandwidth(geometry.layout.record_bytes) if cuda else 0.0
     t0 = time.time()
     llm = LLM(**engine_kwargs(args.system, model_dir, expert_gib))
     load_s = time.time() - t0
+    free, total = torch.cuda.mem_get_info() if cuda else (0, 0)
     random.seed(0)
     rows = []
     for scen in args.scenarios.split(","):
         n, plen, olen = SCENARIOS[scen]
-        prompts = [TokensPrompt(prompt_token_ids=[random.randrange(1000, 150000)
+        prompts = [TokensPrompt(prompt_token_ids=[random.randrange(1000, config["vocab_size"])
                                                   for _ in range(plen)]) for _ in range(n)]
         params = SamplingParams(max_tokens=olen, temperature=1.0, ignore_eos=True,
                                 detokenize=False, seed=0)
@@ -89,29 +132,59 @@ def main() -> None:
         dt = time.time() - t0
         after = _stats(llm, args.system)
         ntok = sum(len(o.outputs[0].token_ids) for o in outs)
-        row = dict(system=args.system, scenario=scen, n=n, prompt=plen, out=olen,
-                   tok_s=round(ntok / dt, 2), wall_s=round(dt, 2), load_s=round(load_s, 1),
+        ttft, tpot = request_times(outs)
+        share = parse_system(args.system)[1]
+        row = dict(system=args.system, scenario=scen, budget=1.0 if share is None else share,
+                   n=n, prompt=plen, out=olen, tok_s=round(ntok / dt, 2), wall_s=round(dt, 2),
+                   ttft_ms_p50=pct(ttft, 50), tpot_ms_p50=pct(tpot, 50),
+                   tpot_ms_p99=pct(tpot, 99), load_s=round(load_s, 1),
+                   gpu_mem_used_gib=round((total - free) / GIB, 2),
                    routing=os.environ.get("VLLM_MOE_ROUTING_SIMULATION_STRATEGY", "model"))
         if after:
-            hits, misses = after["hits"] - before["hits"], after["misses"] - before["misses"]
-            moved = after["bytes_h2d"] - before["bytes_h2d"]
-            row.update(hit_rate=round(hits / max(1, hits + misses), 3),
-                       pcie_gb_per_tok=round(moved / 1e9 / ntok, 4),
-                       layer_steps=after["layer_steps"] - before["layer_steps"])
+            row.update(offload_row(before, after, ntok, geometry.num_moe_layers))
         rows.append(row)
         print("RESULT", json.dumps(row), flush=True)
-    result = dict(card=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"),
-                  bw_h2d_gbs=round(bw / 1e9, 1), rows=rows)
+    result = dict(card=torch.cuda.get_device_name() if cuda else "cpu",
+                  date=time.strftime("%Y-%m-%d"), bw_h2d_gbs=round(bw / 1e9, 1),
+                  model=args.preset, rows=rows)
+    try:
+        import vllm
+        result["vllm"] = vllm.__version__
+    except ImportError:
+        pass
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"{result['card']}  bw_h2d {result['bw_h2d_gbs']} GB/s")
+    print(f"{result['card']}  bw_h2d {result['bw_h2d_gbs']} GB/s  engine start {load_s:.0f} s")
     for r in rows:
-        print(f"{r['system']:>11} {r['scenario']:>5} {r['tok_s']:>9.1f} tok/s  "
-              f"hit {r.get('hit_rate', '-')}  PCIe GB/tok {r.get('pcie_gb_per_tok', '-')}")
+        print(f"{r['system']:>18} {r['scenario']:>5} {r['tok_s']:>9.1f} tok/s  "
+              f"ttft p50 {r['ttft_ms_p50']} ms  tpot p50 {r['tpot_ms_p50']} ms  "
+              f"hit {r.get('hit_rate', '-')}  PCIe GB/tok {r.get('pcie_gb_per_tok', '-')}  "
+              f"stall ms/step {r.get('stall_ms_per_step', '-')}")
+
+
+def offload_row(before: dict, after: dict, ntok: int, num_moe_layers: int) -> dict:
+    """The scenario's share of the plugin's own counters."""
+    d = {k: after[k] - before[k] for k in ("hits", "misses", "bytes_h2d", "layer_steps",
+                                           "stall_ms", "prefetches", "prefetch_used")}
+    lookups = d["hits"] + d["misses"]
+    steps = max(1, d["layer_steps"]) / num_moe_layers
+    return dict(hit_rate=round(d["hits"] / max(1, lookups), 3),
+                pcie_gb_per_tok=round(d["bytes_h2d"] / 1e9 / ntok, 4),
+                bytes_h2d=d["bytes_h2d"], misses=d["misses"], prefetches=d["prefetches"],
+                slot_bytes=after["slot_bytes"],
+                bytes_check=d["bytes_h2d"] == (d["misses"] + d["prefetches"]) * after["slot_bytes"],
+                unique_experts_per_layer_step=round(lookups / max(1, d["layer_steps"]), 2),
+                stall_ms_per_step=round(d["stall_ms"] / steps, 3),
+                prefetch_precision=round(d["prefetch_used"] / d["prefetches"], 3)
+                if d["prefetches"] else None,
+                cache_gib=round(after["num_slots"] * after["slot_bytes"] / GIB, 2),
+                pinned_gib=round(after["store_bytes"] / GIB, 2))
 
 
 def _stats(llm, system: str) -> dict | None:
-    return llm.collective_rpc("expert_offload_stats")[0] if system.startswith("offload") else None
+    if parse_system(system)[0] != "offload":
+        return None
+    return llm.collective_rpc("expert_offload_stats")[0]
 
 
 if __name__ == "__main__":

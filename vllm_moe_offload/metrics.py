@@ -106,4 +106,5 @@ class OffloadWorkerExtension:
             return None
         return {**cache.snapshot().as_dict(), "num_slots": cache.num_slots,
                 "slot_bytes": cache.slot_bytes, "slots_per_layer": list(cache.quotas),
+                "store_bytes": cache.store.nbytes,
                 "slots_in_use": len(cache.owners())}

@@ -1,0 +1,96 @@
+"""Merges runs of bench_e2e.py (one JSON per system) into the report of benchmarks.md: one JSON
+with the physical bound and efficiency of every offload row, a table, and a PNG.
+
+bound_tok_s = 1 / (pcie_bytes_per_token / bw_h2d + 1 / stock_tok_s): the PCIe time of the bytes
+the row moved per token, plus the stock system's time per token in the same scenario (its
+step time at the same concurrency), bw_h2d measured in the row's own run.
+
+usage: python benchmarks/e2e_report.py RUN.json [RUN.json ...] --out benchmarks/results/e2e
+       (writes e2e.json and e2e.png)
+"""
+
+import argparse
+import json
+import subprocess
+from pathlib import Path
+
+ORDER = ["lat", "thr", "ttft"]
+
+
+def merge(runs: list[dict]) -> dict:
+    rows = [dict(r, bw_h2d_gbs=run["bw_h2d_gbs"]) for run in runs for r in run["rows"]]
+    stock = {r["scenario"]: r for r in rows if r["system"] == "stock"}
+    for r in rows:
+        base = stock.get(r["scenario"])
+        if "pcie_gb_per_tok" in r and base and r["bw_h2d_gbs"]:
+            per_tok_s = r["pcie_gb_per_tok"] / r["bw_h2d_gbs"] + 1 / base["tok_s"]
+            r["bound_tok_s"] = round(1 / per_tok_s, 2)
+            r["efficiency"] = round(r["tok_s"] * per_tok_s, 3)
+    first = runs[0]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    return dict(card=first["card"], vllm=first.get("vllm"), commit=commit, date=first["date"],
+                model=first["model"], routing=rows[0]["routing"],
+                bw_h2d_gbs=sorted(run["bw_h2d_gbs"] for run in runs)[len(runs) // 2],
+                rows=sorted(rows, key=lambda r: (ORDER.index(r["scenario"]), r["system"])))
+
+
+def table(report: dict) -> str:
+    head = (f"{'scenario':<8} {'system':<18} {'tok/s':>9} {'ttft p50':>9} {'tpot p50':>9} "
+            f"{'hit':>6} {'GB/tok':>7} {'stall/st':>8} {'bound':>8} {'eff':>6}")
+    lines = [f"{report['card']}, vLLM {report['vllm']}, routing {report['routing']}, "
+             f"bw_h2d {report['bw_h2d_gbs']} GB/s", head]
+
+    def f(v, fmt):
+        width = int(fmt.split(".")[0])
+        return format(v, fmt) if isinstance(v, (int, float)) else "-".rjust(width)
+    for r in report["rows"]:
+        lines.append(f"{r['scenario']:<8} {r['system']:<18} {f(r['tok_s'], '9.1f')} "
+                     f"{f(r.get('ttft_ms_p50'), '9.0f')} {f(r.get('tpot_ms_p50'), '9.2f')} "
+                     f"{f(r.get('hit_rate'), '6.3f')} {f(r.get('pcie_gb_per_tok'), '7.3f')} "
+                     f"{f(r.get('stall_ms_per_step'), '8.2f')} {f(r.get('bound_tok_s'), '8.1f')} "
+                     f"{f(r.get('efficiency'), '6.2f')}")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    systems = sorted({r["system"] for r in report["rows"]})
+    scenarios = [s for s in ORDER if any(r["scenario"] == s for r in report["rows"])]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / len(systems)
+    for i, system in enumerate(systems):
+        by = {r["scenario"]: r for r in report["rows"] if r["system"] == system}
+        xs = [j + i * width for j, s in enumerate(scenarios) if s in by]
+        axes[0].bar(xs, [by[s]["tok_s"] for s in scenarios if s in by], width, label=system)
+        if "ttft" in by and by["ttft"].get("ttft_ms_p50"):
+            axes[1].bar(i, by["ttft"]["ttft_ms_p50"] / 1e3, label=system)
+    axes[0].set_xticks([j + 0.4 - width / 2 for j in range(len(scenarios))], scenarios)
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("output tokens/s (log)")
+    axes[0].set_title("lat: 1 seq, thr: 64 seqs, ttft: 16 x 2048-token prompts")
+    axes[0].legend(fontsize=8)
+    axes[1].set_xticks(range(len(systems)), systems, rotation=20, fontsize=8)
+    axes[1].set_ylabel("median TTFT, s")
+    axes[1].set_title("ttft scenario")
+    fig.suptitle(f"Qwen3-30B-A3B-FP8 shape on {report['card']} ({report['routing']} routing)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("runs", nargs="+")
+    parser.add_argument("--out", default="benchmarks/results/e2e")
+    args = parser.parse_args()
+    report = merge([json.loads(Path(p).read_text()) for p in args.runs])
+    out = Path(args.out)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    plot(report, out.with_suffix(".png"))
+    print(table(report))
+
+
+if __name__ == "__main__":
+    main()
