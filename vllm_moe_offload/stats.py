@@ -59,7 +59,7 @@ class RoutingCounters:
 
     def __init__(self, num_layers: int, num_experts: int, pin: bool = False):
         def zeros(*shape):
-            return torch.zeros(*shape, dtype=torch.int64, pin_memory=pin)
+            return torch.zeros(*shape, dtype=torch.int64, device="cpu", pin_memory=pin)
         self.routed, self.active, self.steps = (zeros(num_layers, num_experts),
                                                 zeros(num_layers, num_experts), zeros(num_layers))
         self._routed, self._active, self._steps = (self.routed.numpy(), self.active.numpy(),

@@ -90,7 +90,7 @@ class SlotMaps:
         self.device = torch.device(device)
         pin = self.device.type == "cuda"
         self._host = torch.full((max_passes, num_experts), -1, dtype=torch.int32,
-                                pin_memory=pin)
+                                device="cpu", pin_memory=pin)
         self._host_np = self._host.numpy()
         self._dev = self._host.to(self.device)
         self._next = 0

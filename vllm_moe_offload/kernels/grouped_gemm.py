@@ -225,7 +225,7 @@ def align(topk_ids: torch.Tensor, num_experts: int, block_m: int
     """vLLM's `moe_align_block_size` on CUDA (the grouping stock vLLM's fused MoE uses), else
     `align_torch`; same outputs either way (block_expert is only read below num_padded)."""
     if topk_ids.is_cuda and (vllm_align := _vllm_align()) is not None:
-        return vllm_align(topk_ids, block_m, num_experts)
+        return vllm_align(topk_ids.to(torch.int32), block_m, num_experts)
     return align_torch(topk_ids, num_experts, block_m)
 
 
