@@ -109,9 +109,9 @@ def cli_flags(kwargs: dict) -> list[str]:
 
 
 def scrape(url: str) -> dict[str, float]:
-    """Unlabelled counters and gauges on /metrics (label sets are summed)."""
+    """The samples on /metrics by name, summed over their label sets."""
     values: dict[str, float] = {}
-    for name, value in re.findall(r"^([a-z_:]+)(?:\{[^}]*\})? ([-\d.e+]+)$",
+    for name, value in re.findall(r"^([a-zA-Z_:][\w:]*)(?:\{[^}]*\})? ([-\d.e+]+)$",
                                   requests.get(f"{url}/metrics", timeout=30).text, re.M):
         values[name] = values.get(name, 0.0) + float(value)
     return values

@@ -43,6 +43,7 @@ def test_smoke_sweep(tmp_path):
         assert row["requests_ok"] > 0 and row["requests_err"] == 0
         assert row["tok_s"] > 0 and 0 < row["itl_ms_p50"] <= row["itl_ms_p99"]
         assert row["ttft_ms_p50"] > 0 and 0 < row["hit_rate"] < 1
+        assert row["pcie_gb_per_tok"] > 0
     assert rows["offload"]["mean_acceptance_length"] is None
     assert rows["offload+eagle3"]["mean_acceptance_length"] >= 1
     assert result["card"] and result["vllm"] and result["commit"]
