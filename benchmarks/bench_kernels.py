@@ -2,9 +2,10 @@
 and vs the HBM roofline of the bytes each must read. CUDA only.
 
 Shape: Qwen3-30B-A3B experts (H=2048, I=768, E=128, top-8), FP8 with 128x128 block scales.
-Routing: uniform random top-8 per token. Times: median of triton.testing.do_bench. Both are
-timed from the routed ids on the device to the combined output: grouping (vLLM's
-moe_align_block_size for both), activation quantisation, the two GEMMs and the top-k sum.
+Routing: uniform random top-8 per token. Both are timed from the routed ids on the device to the
+combined output: grouping (vLLM's moe_align_block_size for both), activation quantisation, the
+two GEMMs and the top-k sum; as CUDA-graph replays (device time, as in vLLM's decode graphs;
+`*_ms`) and as eager calls (`*_eager_ms`, host launch overhead included).
 
 usage: python benchmarks/bench_kernels.py [--out benchmarks/results/kernels.json]
 """
@@ -83,13 +84,16 @@ def main() -> None:
                                  out)
         ref = fused(x, topk_w, topk_ids).float()
         rel = ((ours().float() - ref).norm() / ref.norm()).item()
-        ms_ours = triton.testing.do_bench(ours, warmup=25, rep=100)
-        ms_vllm = triton.testing.do_bench(functools.partial(fused, x, topk_w, topk_ids),
-                                          warmup=25, rep=100)
+        theirs = functools.partial(fused, x, topk_w, topk_ids)
+        ms_ours, ms_vllm = (triton.testing.do_bench_cudagraph(f, rep=100, return_mode="median")
+                            for f in (ours, theirs))
+        eager_ours, eager_vllm = (triton.testing.do_bench(f, warmup=25, rep=100)
+                                  for f in (ours, theirs))
         nbytes = len(experts) * (3 * H * INTER) + 2 * t * H * 2  # weights once + x in, out
         roof_ms = nbytes / bw * 1e3
         rows.append(dict(tokens=t, unique_experts=len(experts), ours_ms=ms_ours,
-                         vllm_fused_experts_ms=ms_vllm, roofline_ms=roof_ms,
+                         vllm_fused_experts_ms=ms_vllm, ours_eager_ms=eager_ours,
+                         vllm_fused_experts_eager_ms=eager_vllm, roofline_ms=roof_ms,
                          ours_over_roofline=ms_ours / roof_ms, speedup_vs_vllm=ms_vllm / ms_ours,
                          rel_err_vs_vllm=rel))
     meta = dict(card=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"),
@@ -105,12 +109,14 @@ def main() -> None:
     with open(args.out, "w") as f:
         json.dump({**meta, "rows": rows}, f, indent=2)
     print(f"{meta['card']}  HBM {bw / 1e9:.0f} GB/s (copy)")
+    print("graph: device time of CUDA-graph replays; eager: with host launch overhead")
     print(f"{'tokens':>7} {'experts':>7} {'ours ms':>9} {'vllm ms':>9} {'roof ms':>9} "
-          f"{'x roof':>7} {'vs vllm':>8} {'rel err':>8}")
+          f"{'x roof':>7} {'vs vllm':>8} {'eager ours':>10} {'eager vllm':>10} {'rel err':>8}")
     for r in rows:
         print(f"{r['tokens']:>7} {r['unique_experts']:>7} {r['ours_ms']:>9.3f} "
               f"{r['vllm_fused_experts_ms']:>9.3f} {r['roofline_ms']:>9.3f} "
               f"{r['ours_over_roofline']:>7.2f} {r['speedup_vs_vllm']:>7.2f}x "
+              f"{r['ours_eager_ms']:>10.3f} {r['vllm_fused_experts_eager_ms']:>10.3f} "
               f"{r['rel_err_vs_vllm']:>8.1e}")
 
 

@@ -1,9 +1,10 @@
 """Tunes the grouped GEMM's tile sizes on this GPU for the Qwen3-30B-A3B expert shape and
 writes vllm_moe_offload/kernels/configs/<device>,w<bytes>.json (read by `pick_config`).
 
-Every candidate is timed on the same inputs (uniform random top-8 routing) with
-triton.testing.do_bench (median) over a whole layer step (grouping, quantisation, both GEMMs,
-top-k sum); configs that do not compile are skipped.
+Every candidate is timed on the same inputs (uniform random top-8 routing) over a whole layer
+step (grouping, quantisation, both GEMMs, top-k sum) replayed as a CUDA graph
+(triton.testing.do_bench_cudagraph, median), as decode steps run in vLLM: device time, not
+launch overhead, picks the tiles. Configs that do not compile are skipped.
 
 usage: python benchmarks/tune_grouped_gemm.py [--dtype fp8|bf16]
 """
@@ -62,7 +63,7 @@ def main() -> None:
             run = functools.partial(step, x, topk_w, topk_ids, views, layout.block, identity,
                                     out, cfg)
             try:
-                ms = triton.testing.do_bench(run, warmup=10, rep=40)
+                ms = triton.testing.do_bench_cudagraph(run, rep=40, return_mode="median")
             except Exception:  # out of shared memory or registers: not a candidate here
                 continue
             if best is None or ms < best[0]:

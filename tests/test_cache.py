@@ -98,17 +98,21 @@ class RecordingTransfers:
     is_cuda = False
 
     def __init__(self):
-        self.waited, self.copies, self.marks = [], 0, 0
+        self.waited, self.copies, self.marks, self._unmarked = [], 0, 0, 0
 
     def copy(self, dst, src):
         dst.copy_(src)
         self.copies += 1
+        self._unmarked += 1
 
     def copy_after(self, event):
         if event is not None:
             self.waited.append(event)
 
     def mark_copied(self):
+        if not self._unmarked:
+            return None
+        self._unmarked = 0
         self.marks += 1
         return f"copied-{self.marks}"
 
@@ -149,3 +153,18 @@ def test_preloaded_layers_hold_every_expert_and_count_lookups_as_hits():
     snap = cache.snapshot()
     assert snap.hits == 3 and snap.misses == 0 and snap.layer_steps == 1
     assert r.routed[1].tolist() == [1, 0, 0, 2, 0, 1, 0, 0]
+
+
+def test_a_pass_that_fits_beside_the_resident_one_is_fetched_first():
+    cache = make_cache(num_slots=16, num_experts=16)  # 8 slots per layer
+    cache.transfers = transfers = RecordingTransfers()
+    for group in cache.schedule(0, [0, 1, 2, 3, 4, 5, 6, 7]):
+        cache.fetch(0, group)  # layer 0 full
+    hits, misses = cache.schedule(0, [0, 1, 8, 9])
+    assert cache.fits_beside(0, misses, hits)  # 2 misses, 6 evictable residents
+    slots, ready = cache.fetch_pass(0, misses, hits)
+    assert ready == f"copied-{transfers.marks}"  # its own copies
+    assert set(cache.resident(0)) >= {0, 1, 8, 9}  # the resident pass was kept
+    hit_slots, hit_ready = cache.fetch_pass(0, hits)
+    assert hit_ready is None  # nothing copied for it, nothing pending
+    assert not cache.fits_beside(0, list(range(10, 16)) + [8], [0, 1])  # 7 misses, 6 free

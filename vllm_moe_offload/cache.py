@@ -92,11 +92,13 @@ class ExpertCache:
         q = self.quotas[layer]
         return ([hits] if hits else []) + [misses[i:i + q] for i in range(0, len(misses), q)]
 
-    def fetch(self, layer: int, experts: list[int]) -> list[int]:
-        """Makes `experts` (distinct, at most the layer's quota) resident; returns their slots."""
+    def fetch(self, layer: int, experts: list[int], keep: frozenset[int] = frozenset()
+              ) -> list[int]:
+        """Makes `experts` (distinct, at most the layer's quota) resident; returns their slots.
+        keep: residents not to evict either (see `fits_beside`)."""
         assert len(experts) <= self.quotas[layer], (len(experts), self.quotas[layer])
         slot_of, policy = self._slot_of[layer], self._policy[layer]
-        protected = set(experts)
+        protected = set(experts) | keep
         for e in experts:
             if e in slot_of:
                 self.stats.hits += 1
@@ -107,6 +109,22 @@ class ExpertCache:
                 self.stats.bytes_h2d += self.slot_bytes
         self._mark_ready(layer)
         return [slot_of[e] for e in experts]
+
+    def fits_beside(self, layer: int, experts: list[int], keep: list[int]) -> bool:
+        """Whether `experts` can be made resident without evicting `keep` (a pass still to be
+        computed): then their copies can start before that pass is queued."""
+        slot_of = self._slot_of[layer]
+        missing = sum(e not in slot_of for e in experts)
+        pinned = sum(e in slot_of for e in set(keep).union(experts))
+        return missing <= self.quotas[layer] - pinned
+
+    def fetch_pass(self, layer: int, experts: list[int], keep: list[int] = ()
+                   ) -> tuple[list[int], "torch.cuda.Event | None"]:
+        """`fetch` for one compute pass: (slots, the event its kernels must wait for: after
+        its own copies, or after earlier copies into the layer, e.g. prefetches)."""
+        earlier = self.take_ready(layer)
+        slots = self.fetch(layer, experts, frozenset(keep))
+        return slots, self.take_ready(layer) or earlier
 
     def take_ready(self, layer: int) -> "torch.cuda.Event | None":
         """The event after the latest copies into `layer`'s slots not yet waited for (CUDA),

@@ -2,8 +2,9 @@
 is built, so a bad offload setting fails before any engine starts.
 
 For Qwen3-MoE with offload on: validate the model, budget and host memory, cap CUDA graphs at
-PIECEWISE (our op reads routing on the host, which a full graph would freeze) and add the
-stats worker extension. For every other architecture: refuse offload with a clear message.
+PIECEWISE unless the cache holds every expert (our op then reads routing on the host, which a
+full graph would freeze) and add the stats worker extension. For every other architecture:
+refuse offload with a clear message.
 """
 
 from vllm_moe_offload.config import OffloadConfig
@@ -16,24 +17,27 @@ def verify_offload_model(vllm_config) -> None:
     offload = OffloadConfig.from_vllm_config(vllm_config)
     if not offload.enabled:
         return
-    from vllm.config.compilation import CUDAGraphMode
-
     from vllm_moe_offload.model import pinned_limit_bytes, plan_for
     from vllm_moe_offload.store import check_host_memory
-    geometry, _ = plan_for(vllm_config, offload)
+    geometry, plan = plan_for(vllm_config, offload)
     check_host_memory(geometry.total_experts * geometry.layout.record_bytes,
                       pinned_limit_bytes(offload))
-    compilation = vllm_config.compilation_config
+    if plan.num_slots < geometry.total_experts:  # else no layer ever syncs on routing
+        _cap_at_piecewise(vllm_config.compilation_config)
+    parallel = vllm_config.parallel_config
+    if not parallel.worker_extension_cls:
+        parallel.worker_extension_cls = STATS_EXTENSION
+
+
+def _cap_at_piecewise(compilation) -> None:
+    from vllm.config.compilation import CUDAGraphMode
     if compilation.cudagraph_mode is None:
         compilation.cudagraph_mode = CUDAGraphMode.PIECEWISE
     elif compilation.cudagraph_mode.has_full_cudagraphs():
         raise ValueError(
             f"expert offload: cudagraph_mode {compilation.cudagraph_mode.name} captures the "
             "expert fetches, which depend on routing; use -cc.cudagraph_mode=PIECEWISE (the "
-            "default with offload) or NONE")
-    parallel = vllm_config.parallel_config
-    if not parallel.worker_extension_cls:
-        parallel.worker_extension_cls = STATS_EXTENSION
+            "default with offload) or NONE, or a cache that holds every expert")
 
 
 def reject_offload(vllm_config) -> None:

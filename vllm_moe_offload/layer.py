@@ -109,12 +109,19 @@ class OffloadSparseMoeBlock(compat.UpstreamMoeBlock):
         cache.routing.add(layer, ids_host)
         experts = np.unique(ids_host).tolist()
         passes = cache.schedule(layer, experts)
+        fetched = [cache.fetch_pass(layer, passes[0])]
         for i, group in enumerate(passes):
-            slots = cache.fetch(layer, group)
-            transfers.wait_copied(cache.take_ready(layer))
+            following = passes[i + 1] if i + 1 < len(passes) else None
+            if following and cache.fits_beside(layer, following, group):
+                # its copies start now, while this pass computes
+                fetched.append(cache.fetch_pass(layer, following, group))
+            slots, ready = fetched[i]
+            transfers.wait_copied(ready)
             kernels.run_pass(step, cache.weights, group, slots, cache.maps.upload(group, slots))
-            if i + 1 < len(passes):
+            if following and len(fetched) == i + 1:
+                # it evicts experts of this pass: its copies wait for this pass's kernels
                 cache.computed(slots, transfers.mark_computed())
+                fetched.append(cache.fetch_pass(layer, following))
         kernels.finish(step, out)
         if self.prefetcher is not None:
             self._prefetch_next(ids_host)
