@@ -64,9 +64,13 @@ def plot(report: dict, path: Path) -> None:
     for i, system in enumerate(systems):
         by = {r["scenario"]: r for r in report["rows"] if r["system"] == system}
         xs = [j + i * width for j, s in enumerate(scenarios) if s in by]
-        axes[0].bar(xs, [by[s]["tok_s"] for s in scenarios if s in by], width, label=system)
+        color = f"C{i}"  # one colour per system in both panels
+        axes[0].bar(xs, [by[s]["tok_s"] for s in scenarios if s in by], width, label=system,
+                    color=color)
         if "ttft" in by and by["ttft"].get("ttft_ms_p50"):
-            axes[1].bar(i, by["ttft"]["ttft_ms_p50"] / 1e3, label=system)
+            ttft_s = by["ttft"]["ttft_ms_p50"] / 1e3
+            axes[1].bar(i, ttft_s, color=color)
+            axes[1].annotate(f"{ttft_s:.2f}", (i, ttft_s), ha="center", va="bottom")
     axes[0].set_xticks([j + 0.4 - width / 2 for j in range(len(scenarios))], scenarios)
     axes[0].set_yscale("log")
     axes[0].set_ylabel("output tokens/s (log)")

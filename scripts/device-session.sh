@@ -3,8 +3,10 @@
 # one call per group of end-to-end runs. Each step writes its logs and results to $OUT
 # (at most 8 files come back per call).
 #   kernels : GPU kernel tests at real shapes (no vLLM needed)          [call with kit part 0]
-#   tune    : tile-size tuning of the grouped GEMM, kept in /root       [call with kit part 1]
-#   bench   : kernel benchmark vs vLLM fused_experts + GPU e2e tests    [call with kit part 2]
+#   stage   : nothing more                                              [call with kit part 1]
+#   bench   : tile-size tuning (kept in /root/tuned) + kernel benchmark
+#             vs vLLM fused_experts                                     [call with kit part 2]
+#   equality: GPU e2e tests (greedy equality with CUDA graphs)
 #   e2e "SYSTEMS" SCENARIOS : benchmarks/bench_e2e.py per system, uniform routing
 #             e.g. e2e "stock offload100" lat,thr,ttft                   [later calls]
 #   serve   : `vllm serve --enable-expert-offload` answers a chat
@@ -22,14 +24,16 @@ case "$1" in
 kernels)
   python3 -m pip install -q --no-index --find-links .devicekit/wheels pytest 2>/dev/null
   python3 -m pytest -q -p no:cacheprovider tests/kernels 2>&1 | tee "$out/pytest-kernels.log" | tail -3 ;;
-tune)
-  python3 benchmarks/tune_grouped_gemm.py --dtype fp8 2>&1 | tee "$out/tune.log" | tail -9
-  mkdir -p /root/tuned && cp vllm_moe_offload/kernels/configs/*.json /root/tuned/ && cp /root/tuned/*.json "$out/" ;;
+stage) ;;
 bench)
+  with_vllm  # the tuner needs vLLM's grouping and quantiser: they are part of the step it times
+  python3 benchmarks/tune_grouped_gemm.py --dtype fp8 2>&1 | grep -v -i warn | tee "$out/tune.log" | tail -8
+  mkdir -p /root/tuned && cp vllm_moe_offload/kernels/configs/*.json /root/tuned/
+  cp /root/tuned/*.json "$out/tuned-configs.json"
+  python3 benchmarks/bench_kernels.py --out "$out/kernels.json" 2>&1 | grep -v -i "warn\|INFO" | tail -10 ;;
+equality)
   with_vllm
-  python3 -m pytest -q -p no:cacheprovider tests/kernels -k "vllm" 2>&1 | tail -2
-  python3 benchmarks/bench_kernels.py --out "$out/kernels.json" 2>&1 | grep -v -i "warn\|INFO" | tail -9
-  timeout 420 env OUT="$out" bash scripts/device-foundation.sh equality "cuda_graphs or bf16" | tail -4 ;;
+  timeout 500 env OUT="$out" bash scripts/device-foundation.sh equality "cuda_graphs or bf16" | tail -4 ;;
 e2e)
   with_vllm
   for system in $2; do
