@@ -210,6 +210,10 @@ class ExpertCache:
         return replace(self.stats, hits=self.stats.hits + self.routing.lookups(layers),
                        layer_steps=self.stats.layer_steps + self.routing.layer_steps(layers))
 
+    @property
+    def slots_in_use(self) -> int:
+        return len(self._owner)
+
     def owners(self) -> dict[int, tuple[int, int]]:
         """slot -> (layer, expert) of every occupied slot (a copy), for checks and metrics."""
         return dict(self._owner)

@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable
 
+import numpy as np
 from vllm.logger import init_logger
 
 from vllm_moe_offload.stats import OffloadStats
@@ -23,39 +24,57 @@ class PrometheusExporter:
     directory) before `vllm serve`. Without it nothing is exported.
     """
 
-    _COUNTERS = {  # OffloadStats field -> (metric name, help)
-        "hits": ("moe_offload_expert_hits", "Routed experts found in the GPU expert cache"),
-        "misses": ("moe_offload_expert_misses", "Routed experts fetched from host memory"),
-        "evictions": ("moe_offload_expert_evictions", "Experts evicted from the cache"),
-        "bytes_h2d": ("moe_offload_h2d_bytes", "Host-to-device bytes moved for experts"),
-        "layer_steps": ("moe_offload_layer_steps", "MoE layer forwards"),
+    _COUNTERS = {  # OffloadStats field -> (metric name, help, scale)
+        "hits": ("moe_offload_expert_hits", "Routed experts found in the GPU expert cache", 1),
+        "misses": ("moe_offload_expert_misses", "Routed experts fetched from host memory", 1),
+        "evictions": ("moe_offload_expert_evictions", "Experts evicted from the cache", 1),
+        "bytes_h2d": ("moe_offload_h2d_bytes", "Host-to-device bytes moved for experts", 1),
+        "layer_steps": ("moe_offload_layer_steps", "MoE layer forwards", 1),
+        "stall_ms": ("moe_offload_fetch_stall_seconds",
+                     "Time the compute stream waited for expert copies", 1e-3),
+        "prefetches": ("moe_offload_prefetches", "Experts loaded ahead of their layer's step",
+                       1),
+        "prefetch_used": ("moe_offload_prefetch_used",
+                          "Prefetched experts that their layer's step then routed to", 1),
     }
 
-    def __init__(self, snapshot: Callable[[], OffloadStats], num_slots: int):
+    def __init__(self, cache):
         from prometheus_client import Counter, Gauge
-        self.snapshot = snapshot
-        self._counters = {field: Counter(name, doc) for field, (name, doc)
+        self.cache = cache
+        self._counters = {field: Counter(name, doc) for field, (name, doc, _)
                           in self._COUNTERS.items()}
         self._exported = dict.fromkeys(self._COUNTERS, 0)
+        # the router statistics per MoE layer (0-based among MoE layers) and expert
+        self._routed = Counter("moe_offload_expert_routed",
+                               "Routed (token, k) pairs per MoE layer and expert",
+                               ["layer", "expert"])
+        self._routed_exported = np.zeros(cache.routing.routed.shape, dtype=np.int64)
+        self._in_use = Gauge("moe_offload_slots_in_use", "Cache slots holding an expert",
+                             multiprocess_mode="mostrecent")
         Gauge("moe_offload_cache_slots", "Slots in the GPU expert cache",
-              multiprocess_mode="mostrecent").set(num_slots)
+              multiprocess_mode="mostrecent").set(cache.num_slots)
 
     @classmethod
-    def maybe_create(cls, snapshot: Callable[[], OffloadStats],
-                     num_slots: int) -> "PrometheusExporter | None":
+    def maybe_create(cls, cache) -> "PrometheusExporter | None":
         if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             logger.info("expert offload: set PROMETHEUS_MULTIPROC_DIR to an empty directory "
                         "before vllm serve to see moe_offload_* metrics on /metrics")
             return None
-        return cls(snapshot, num_slots)
+        return cls(cache)
 
     def export(self) -> None:
-        stats = self.snapshot()
+        stats = self.cache.snapshot()
         for field, counter in self._counters.items():
             value = getattr(stats, field)
             if value > self._exported[field]:
-                counter.inc(value - self._exported[field])
+                counter.inc((value - self._exported[field]) * self._COUNTERS[field][2])
                 self._exported[field] = value
+        routed = self.cache.routing.routed.numpy().copy()
+        for layer, expert in zip(*(routed - self._routed_exported).nonzero(), strict=True):
+            self._routed.labels(str(layer), str(expert)).inc(
+                int(routed[layer, expert] - self._routed_exported[layer, expert]))
+        self._routed_exported = routed
+        self._in_use.set(self.cache.slots_in_use)
 
 
 class StatsReporter:
@@ -104,7 +123,10 @@ class OffloadWorkerExtension:
         cache = getattr(self.get_model(), "expert_cache", None)
         if cache is None:
             return None
+        routing = cache.routing
         return {**cache.snapshot().as_dict(), "num_slots": cache.num_slots,
                 "slot_bytes": cache.slot_bytes, "slots_per_layer": list(cache.quotas),
                 "store_bytes": cache.store.nbytes,
-                "slots_in_use": len(cache.owners())}
+                "routed_per_layer_expert": routing.routed.tolist(),
+                "steps_per_layer": routing.steps.tolist(),
+                "slots_in_use": cache.slots_in_use}

@@ -77,8 +77,7 @@ class Qwen3MoeOffloadForCausalLM(compat.UpstreamQwen3Moe):
             store.fill_random(seed=vllm_config.model_config.seed or 0)
             cache.preload()
         self._reporter = StatsReporter(cache.snapshot, envs.log_interval_s(),
-                                       PrometheusExporter.maybe_create(cache.snapshot,
-                                                                       cache.num_slots))
+                                       PrometheusExporter.maybe_create(cache))
         self._reporter.start()
 
     def load_weights(self, weights) -> set[str]:

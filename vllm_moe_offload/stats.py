@@ -42,9 +42,13 @@ class OffloadStats:
                 "prefetch_recall": self.prefetch_recall}
 
     def summary(self) -> str:
-        return (f"hits={self.hits} misses={self.misses} hit_rate={self.hit_rate:.3f} "
+        line = (f"hits={self.hits} misses={self.misses} hit_rate={self.hit_rate:.3f} "
                 f"evictions={self.evictions} h2d={self.bytes_h2d / (1 << 20):.1f}MiB "
                 f"stall={self.stall_ms:.1f}ms layer_steps={self.layer_steps}")
+        if self.prefetches:
+            line += (f" prefetches={self.prefetches} precision={self.prefetch_precision:.2f}"
+                     f" recall={self.prefetch_recall:.2f}")
+        return line
 
 
 class RoutingCounters:

@@ -23,6 +23,16 @@ def offload_metrics(url: str) -> dict[str, float]:
             re.findall(r"^(moe_offload_\w+) ([\d.e+]+)$", text, flags=re.MULTILINE)}
 
 
+def routed_pairs(text: str) -> dict[str, float]:
+    """MoE layer -> routed (token, k) pairs summed over its experts, from /metrics."""
+    per_layer: dict[str, float] = {}
+    for labels, value in re.findall(r"^moe_offload_expert_routed_total\{(.*)\} ([\d.e+]+)$",
+                                    text, flags=re.MULTILINE):
+        layer = dict(re.findall(r'(\w+)="(\w+)"', labels))["layer"]
+        per_layer[layer] = per_layer.get(layer, 0.0) + float(value)
+    return per_layer
+
+
 def test_serve_answers_and_reports_counters(models, tmp_path):
     log = tmp_path / "serve.log"
     args = ["--enable-expert-offload", "--expert-cache-slots", str(CACHE_SLOTS)]
@@ -48,10 +58,16 @@ def test_serve_answers_and_reports_counters(models, tmp_path):
                and time.monotonic() < deadline):
             time.sleep(1)
         after = offload_metrics(url)
+        metrics_text = requests.get(f"{url}/metrics", timeout=30).text
     assert before["moe_offload_cache_slots"] == CACHE_SLOTS, before
     for counter in ("moe_offload_expert_hits_total", "moe_offload_expert_misses_total",
                     "moe_offload_h2d_bytes_total", "moe_offload_layer_steps_total"):
         assert after[counter] > before.get(counter, 0), (counter, before, after)
+    assert 0 < after["moe_offload_slots_in_use"] <= CACHE_SLOTS
+    assert "moe_offload_fetch_stall_seconds_total" in after  # 0 on CPU: copies are synchronous
+    routed = routed_pairs(metrics_text)
+    # the router statistics: every MoE layer routes top-k (4) experts per token
+    assert set(routed) == {"0", "1"} and routed["0"] == routed["1"] > 0
     assert lines, log.read_text()[-3000:]
     hits, misses, evictions, mib = lines[-1]
     assert int(hits) > 0 and int(misses) > 0 and int(evictions) > 0 and float(mib) > 0
