@@ -63,3 +63,33 @@ def test_plan_command(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "<- recommended" in out and "--max-num-seqs 128" in out
     assert json.loads((tmp_path / "p.json").read_text())["recommended_max_num_seqs"] == 128
+
+
+def test_acceptance_length_and_speculation_choice():
+    from vllm_moe_offload.planner import acceptance_length, solve_spec
+    assert acceptance_length(0, 0.7) == pytest.approx(1.0)
+    assert acceptance_length(3, 0.5) == pytest.approx(1 + 0.5 + 0.25 + 0.125)
+    assert acceptance_length(3, 1.0) == 4.0
+    # batch 1, uniform routing, 75% misses: k+1 tokens route to almost k+1 times the experts,
+    # so the bytes per step grow about linearly in k while accepted tokens grow less: an
+    # often-right draft pays a little, at a short k
+    good = solve_spec(PROFILE, GEOMETRY, 0.25, n=1, acceptance_rate=0.8)
+    best = max(good, key=lambda r: r.tok_s)
+    assert best.spec_tokens == 2 and best.tok_s > 1.2 * good[0].tok_s
+    assert good[-1].tok_s < best.tok_s
+    assert good[0].unique_per_layer == pytest.approx(8.0)
+    assert good[-1].unique_per_layer == pytest.approx(unique_experts(128, 8, 6))
+    # at n=128 every step already touches every expert; a draft rarely right only costs
+    poor = solve_spec(PROFILE, GEOMETRY, 0.25, n=128, acceptance_rate=0.02, draft_ms_per_token=20)
+    assert max(poor, key=lambda r: r.tok_s).spec_tokens == 0
+
+
+def test_plan_command_recommends_speculative_tokens(tmp_path, capsys):
+    path = tmp_path / "profile.json"
+    path.write_text(PROFILE.to_json())
+    main(["plan", "qwen3-30b-a3b-fp8", "--profile", str(path), "--tpot-ms", "60",
+          "--acceptance-rate", "0.7", "--out", str(tmp_path / "p.json")])
+    out = capsys.readouterr().out
+    plan = json.loads((tmp_path / "p.json").read_text())
+    assert f"num_speculative_tokens {plan['recommended_num_speculative_tokens']}" in out
+    assert [r["spec_tokens"] for r in plan["spec_rows"]] == [0, 1, 2, 3, 5]

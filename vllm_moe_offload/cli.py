@@ -110,7 +110,12 @@ def main(argv: list[str] | None = None) -> None:
                       help="share of the experts the GPU cache holds (default 0.25)")
     plan.add_argument("--tpot-ms", type=float, default=None, help="time-per-output-token target")
     plan.add_argument("--overlap", action="store_true",
-                      help="what-if: fetches hidden behind compute (not implemented yet)")
+                      help="what-if: fetches fully hidden behind compute")
+    plan.add_argument("--acceptance-rate", type=float, default=None,
+                      help="EAGLE draft token acceptance rate (e.g. from vLLM's spec-decode "
+                           "metrics): also recommend num_speculative_tokens at the chosen n")
+    plan.add_argument("--draft-ms", type=float, default=0.0,
+                      help="time of one draft forward per step, ms (default 0)")
     plan.add_argument("--out", default=None, help="write the plan as JSON")
     args = parser.parse_args(argv)
     if args.command == "plan":

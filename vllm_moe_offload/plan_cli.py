@@ -10,7 +10,13 @@ import torch
 
 from vllm_moe_offload.checkpoint import PRESETS, hf_config
 from vllm_moe_offload.geometry import MoeGeometry
-from vllm_moe_offload.planner import format_table, recommend, solve
+from vllm_moe_offload.planner import (
+    format_spec_table,
+    format_table,
+    recommend,
+    solve,
+    solve_spec,
+)
 from vllm_moe_offload.profiler import HardwareProfile, profile_hardware
 
 
@@ -38,8 +44,17 @@ def run_plan(args) -> None:
           f"{args.cache_share:.0%}, {geometry.num_moe_layers} MoE layers, uniform routing")
     print(format_table(rows, chosen))
     print(f"recommended: --max-num-seqs {chosen.n}")
+    plan = {"profile": asdict(profile), "cache_share": args.cache_share,
+            "recommended_max_num_seqs": chosen.n, "rows": [asdict(r) for r in rows]}
+    if args.acceptance_rate is not None:
+        spec = solve_spec(profile, geometry, args.cache_share, chosen.n, args.acceptance_rate,
+                          args.draft_ms, overlap=args.overlap)
+        best = max(spec, key=lambda r: r.tok_s)
+        print(f"speculation at n={chosen.n}, acceptance rate {args.acceptance_rate:.2f}:")
+        print(format_spec_table(spec, best))
+        print(f"recommended: num_speculative_tokens {best.spec_tokens}")
+        plan.update(acceptance_rate=args.acceptance_rate,
+                    recommended_num_speculative_tokens=best.spec_tokens,
+                    spec_rows=[asdict(r) for r in spec])
     if args.out:
-        Path(args.out).write_text(json.dumps({"profile": asdict(profile),
-                                              "cache_share": args.cache_share,
-                                              "recommended_max_num_seqs": chosen.n,
-                                              "rows": [asdict(r) for r in rows]}, indent=2))
+        Path(args.out).write_text(json.dumps(plan, indent=2))

@@ -108,10 +108,54 @@ def solve(profile, geometry: MoeGeometry, resident_share: float,
     return [PlanRow(**{**r.__dict__, "speedup": r.tok_s / base}) for r in rows]
 
 
+def acceptance_length(spec_tokens: int, acceptance_rate: float) -> float:
+    """Expected tokens a sequence gains per step with `spec_tokens` drafted tokens each
+    accepted with probability `acceptance_rate` until the first rejection, plus the target's
+    own token: (1 - a^(k+1)) / (1 - a)."""
+    if acceptance_rate >= 1.0:
+        return spec_tokens + 1.0
+    return (1.0 - acceptance_rate ** (spec_tokens + 1)) / (1.0 - acceptance_rate)
+
+
+@dataclass(frozen=True)
+class SpecRow:
+    spec_tokens: int  # num_speculative_tokens
+    acceptance_length: float
+    unique_per_layer: float
+    step_ms: float
+    tok_s: float
+
+
+def solve_spec(profile, geometry: MoeGeometry, resident_share: float, n: int,
+               acceptance_rate: float, draft_ms_per_token: float = 0.0,
+               k_values: tuple[int, ...] = (0, 1, 2, 3, 5), overlap: bool = False
+               ) -> list[SpecRow]:
+    """Predicted tok/s against the draft length k at concurrency n: k widens the experts a
+    step touches (n (k + 1) tokens route) and adds k draft forwards; the step yields
+    n x acceptance_length(k) tokens."""
+    rows = []
+    for k in k_values:
+        length = acceptance_length(k, acceptance_rate)
+        row = solve(profile, geometry, resident_share, (n,), overlap, k, length)[0]
+        step_ms = row.step_ms + k * draft_ms_per_token
+        rows.append(SpecRow(k, length, row.unique_per_layer, step_ms,
+                            n * length / step_ms * 1e3))
+    return rows
+
+
 def recommend(rows: list[PlanRow], tpot_ms: float | None = None) -> PlanRow:
     """Highest predicted tok/s whose step time (the TPOT) meets the target, if any."""
     ok = [r for r in rows if tpot_ms is None or r.step_ms <= tpot_ms] or rows[:1]
     return max(ok, key=lambda r: r.tok_s)
+
+
+def format_spec_table(rows: list[SpecRow], chosen: SpecRow) -> str:
+    lines = [f"{'k':>3} {'accepted/step':>13} {'unique/layer':>12} {'step ms':>8} {'tok/s':>9}"]
+    for r in rows:
+        mark = "  <- recommended" if r is chosen else ""
+        lines.append(f"{r.spec_tokens:>3} {r.acceptance_length:>13.2f} "
+                     f"{r.unique_per_layer:>12.1f} {r.step_ms:>8.1f} {r.tok_s:>9.1f}{mark}")
+    return "\n".join(lines)
 
 
 def format_table(rows: list[PlanRow], chosen: PlanRow) -> str:
