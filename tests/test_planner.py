@@ -54,6 +54,8 @@ def test_profile_measures_this_machine():
     profile = profile_hardware(model_geometry("tiny"), "cpu", token_counts=(1, 8))
     assert profile.h2d_gbps > 0 and set(profile.gemm_ms) == {1, 8}
     assert all(ms > 0 for ms in profile.gemm_ms.values())
+    assert profile.router_ms > 0 and profile.layer_overhead_ms >= 0
+    assert HardwareProfile.from_json(profile.to_json()) == profile
 
 
 def test_plan_command(tmp_path, capsys):

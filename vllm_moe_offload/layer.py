@@ -10,11 +10,10 @@ code, so graph replays see a stable address.
 Dimensions: T tokens, K top-k, E experts, H hidden.
 """
 
-import numpy as np
 import torch
 import torch.nn as nn
 
-from vllm_moe_offload import compat, kernels
+from vllm_moe_offload import compat, kernels, step
 from vllm_moe_offload.cache import ExpertCache
 from vllm_moe_offload.prefetch import CorrelationPrefetcher
 
@@ -73,69 +72,20 @@ class OffloadSparseMoeBlock(compat.UpstreamMoeBlock):
             torch.ops.vllm.moe_offload_experts(hidden, out, self.layer_name)
         return out.squeeze(0) if is_1d else out
 
-    def _route(self, hidden: torch.Tensor):
+    def _route(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # The router runs inside the op, as in upstream's fused-MoE op: compiled, its logits
         # would round differently from stock vLLM's and flip the rare near-tied top-k choice.
         router_logits, _ = self.gate(hidden)  # [T, E]
-        topk_weights, topk_ids = kernels.route(router_logits, self.top_k, self.renormalize)
-        step = kernels.begin(hidden, topk_weights, topk_ids, self.cache.weights,
-                             self.cache.store.layout.block, self.n_routed_experts)
-        return topk_ids, step
+        return kernels.route(router_logits, self.top_k, self.renormalize)
 
     def run_resident(self, hidden: torch.Tensor, out: torch.Tensor) -> None:
-        """The op body of a layer holding all its experts: no host sync, no copies, so vLLM
-        captures it in its CUDA graphs; routing is counted on the device."""
-        layer, cache = self.moe_index, self.cache
-        topk_ids, step = self._route(hidden)
-        experts, slots, slot_map = cache.resident_map(layer)
-        kernels.run_pass(step, cache.weights, experts, slots, slot_map)
-        kernels.finish(step, out)
-        routing = cache.routing
-        kernels.count_routing(topk_ids, routing.routed[layer], routing.active[layer],
-                              routing.steps[layer:layer + 1])
+        """The op body of a layer holding all its experts (captured in CUDA graphs)."""
+        step.resident_step(self.cache, self.moe_index, hidden, *self._route(hidden), out)
 
     def run(self, hidden: torch.Tensor, out: torch.Tensor) -> None:
-        """The op body, eager: route, one host sync (the routed expert set), then passes.
-
-        The grouping and activation quantisation are queued before the sync, so the device
-        works while the host waits. Each pass waits only for its own copies; the resident
-        experts' pass runs while the missing ones arrive.
-        """
-        cache, layer = self.cache, self.moe_index
-        topk_ids, step = self._route(hidden)
-        ids_host = topk_ids.cpu().numpy()  # the host sync: which experts this step needs
-        stats, transfers = cache.stats, cache.transfers
-        stats.stall_ms += transfers.collect_stall_ms()  # earlier waits are complete now
-        cache.routing.add(layer, ids_host)
-        experts = np.unique(ids_host).tolist()
-        passes = cache.schedule(layer, experts)
-        fetched = [cache.fetch_pass(layer, passes[0])]
-        for i, group in enumerate(passes):
-            following = passes[i + 1] if i + 1 < len(passes) else None
-            if following and cache.fits_beside(layer, following, group):
-                # its copies start now, while this pass computes
-                fetched.append(cache.fetch_pass(layer, following, group))
-            slots, ready = fetched[i]
-            transfers.wait_copied(ready)
-            kernels.run_pass(step, cache.weights, group, slots, cache.maps.upload(group, slots))
-            if following and len(fetched) == i + 1:
-                # it evicts experts of this pass: its copies wait for this pass's kernels
-                cache.computed(slots, transfers.mark_computed())
-                fetched.append(cache.fetch_pass(layer, following))
-        kernels.finish(step, out)
-        if self.prefetcher is not None:
-            self._prefetch_next(ids_host)
-        stats.layer_steps += 1
-        stats.passes += len(passes)
-        stats.host_syncs += 1
-
-    def _prefetch_next(self, ids_host: np.ndarray) -> None:
-        """Learns this layer's transition and loads the next MoE layer's likely experts."""
-        layer, cache = self.moe_index, self.cache
-        self.prefetcher.observe(layer, ids_host)
-        if layer + 1 < len(cache.quotas):
-            predicted = self.prefetcher.predict(layer, ids_host, cache.quotas[layer + 1])
-            cache.prefetch(layer + 1, predicted)
+        """The op body, eager: route, then the host-synced step over the cache."""
+        step.synced_step(self.cache, self.moe_index, hidden, *self._route(hidden), out,
+                         self.prefetcher)
 
 
 def _op(hidden: torch.Tensor, out: torch.Tensor, layer_name: str) -> None:

@@ -1,9 +1,14 @@
 """`HardwareProfile`: measured constants of this machine that the planner needs, as a value.
 
 `profile_hardware` measures, in a few seconds, on the device it is given: host->device
-bandwidth for expert-sized pinned copies, and the grouped expert GEMM time of one MoE layer
-step against the number of routed tokens (our kernel on CUDA, the torch reference elsewhere).
-Nothing is hard-coded: the expert shape comes from the model's `MoeGeometry`.
+bandwidth for expert-sized pinned copies, the grouped expert GEMM time of one MoE layer step
+against the number of routed tokens (our kernel on CUDA, the torch reference elsewhere), the
+router's time, and the fixed overhead of a host-synced layer step (`step.synced_step` over a
+one-layer cache whose experts are all hits: the sync, the cache's bookkeeping and the
+launches, beyond the GEMM). Not measured: what the model around the layer adds (attention,
+and in vLLM the graph pieces that the per-layer sync forces); `benchmarks/planner_check.py`
+takes those from a stock run. Nothing is hard-coded: the expert shape comes from the model's
+`MoeGeometry`.
 
 Example:
     profile = profile_hardware(geometry, "cuda")
@@ -17,8 +22,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from vllm_moe_offload import kernels
+from vllm_moe_offload import kernels, step
+from vllm_moe_offload.cache import ExpertCache
 from vllm_moe_offload.geometry import MoeGeometry
+from vllm_moe_offload.store import ExpertStore
 
 
 @dataclass(frozen=True)
@@ -28,6 +35,7 @@ class HardwareProfile:
     gemm_ms: dict[int, float] = field(default_factory=dict)  # routed tokens -> ms per layer
     layer_overhead_ms: float = 0.0  # fixed per MoE layer step (sync, plan, launches)
     attention_ms_per_seq: float = 0.0  # per layer and decoding sequence (incl. dense parts)
+    router_ms: float = 0.0  # router GEMM and top-k of one layer step (in layer_overhead_ms)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -95,7 +103,32 @@ def profile_hardware(geometry: MoeGeometry, device: str,
             kernels.run_pass(run, weights, experts, experts, identity)
             kernels.finish(run, out)
         gemm_ms[t] = round(_time_ms(step, device), 4)
+    router_ms, overhead_ms = measure_synced_step(geometry, device, gemm_ms[token_counts[0]],
+                                                 token_counts[0])
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     return HardwareProfile(device=name, h2d_gbps=round(measure_h2d_gbps(layout.record_bytes,
                                                                          device), 2),
-                           gemm_ms=gemm_ms)
+                           gemm_ms=gemm_ms, layer_overhead_ms=round(overhead_ms, 4),
+                           router_ms=round(router_ms, 4))
+
+
+def measure_synced_step(geometry: MoeGeometry, device: str, gemm_ms: float,
+                        tokens: int = 1) -> tuple[float, float]:
+    """(router ms, host-synced step overhead ms) at `tokens` tokens: the step over a one-layer
+    cache, routed to the same resident experts every time, minus the GEMM time `gemm_ms`."""
+    layout, e, k = geometry.layout, geometry.num_experts, geometry.top_k
+    store = ExpertStore(layout, num_layers=1, num_experts=e)  # contents do not matter here
+    cache = ExpertCache(store, num_slots=max(2 * k, e // 4), policy="lfu", device=device)
+    hidden = torch.randn(tokens, layout.hidden, device=device).to(torch.bfloat16)
+    gate = torch.randn(layout.hidden, e, device=device).to(torch.bfloat16) / layout.hidden
+    out = torch.empty_like(hidden)
+    fixed = torch.arange(k, device=device).repeat(tokens, 1)  # [T, K]: always the same
+
+    def route():
+        return kernels.route(hidden @ gate, k, True)
+
+    def layer_step():
+        topk_w, _ = route()
+        step.synced_step(cache, 0, hidden, topk_w, fixed, out)
+    router_ms = _time_ms(route, device)
+    return router_ms, max(0.0, _time_ms(layer_step, device, repeats=20) - gemm_ms)
