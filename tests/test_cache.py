@@ -168,3 +168,20 @@ def test_a_pass_that_fits_beside_the_resident_one_is_fetched_first():
     hit_slots, hit_ready = cache.fetch_pass(0, hits)
     assert hit_ready is None  # nothing copied for it, nothing pending
     assert not cache.fits_beside(0, list(range(10, 16)) + [8], [0, 1])  # 7 misses, 6 free
+
+
+def test_preload_again_after_a_weight_reload_refreshes_every_slot():
+    cache = make_cache(num_slots=15, num_layers=2, num_experts=8)  # 8 + 7: layer 0 resident
+    assert cache.resident_layers == [0]
+    cache.preload()
+    for group in cache.schedule(1, [0, 1, 2]):
+        cache.fetch(1, group)
+    for records in cache.store.records:  # new weights in the store, as a reload leaves them
+        records.copy_(torch.randint(0, 256, records.shape, dtype=torch.uint8))
+    cache.preload()
+    assert cache.resident(1) == {}  # stale residents of a fetching layer are dropped
+    assert_slots_consistent(cache)  # every resident slot equals the store's new record
+    assert cache.stats.preloaded == 16
+    for group in cache.schedule(1, [0, 1]):
+        cache.fetch(1, group)
+    assert_slots_consistent(cache)

@@ -166,12 +166,17 @@ class ExpertCache:
     def _take_slot(self, layer: int, protected: set[int]) -> int:
         if self._free[layer]:
             return self._free[layer].pop()
-        victim = self._policy[layer].victim(protected)
-        self._policy[layer].remove(victim)
-        slot = self._slot_of[layer].pop(victim)
-        del self._owner[slot]
+        slot = self._drop(layer, self._policy[layer].victim(protected))
         self.stats.evictions += 1
         self.transfers.copy_after(self._readers.pop(slot, None))
+        return slot
+
+    def _drop(self, layer: int, expert: int) -> int:
+        """Forgets a resident expert; returns its slot."""
+        self._policy[layer].remove(expert)
+        self._prefetched[layer].discard(expert)
+        slot = self._slot_of[layer].pop(expert)
+        del self._owner[slot]
         return slot
 
     def _load(self, layer: int, expert: int, slot: int) -> None:
@@ -185,14 +190,23 @@ class ExpertCache:
         return self.quotas[layer] == self.store.num_experts
 
     def preload(self) -> None:
-        """Copies every expert of the layers that hold all theirs (once the store is filled)
-        and builds their device slot maps; waits for the copies."""
-        for layer in self.resident_layers:
-            experts = list(range(self.store.num_experts))
-            missing = [e for e in experts if e not in self._slot_of[layer]]
-            for e in missing:
-                self._load(layer, e, self._take_slot(layer, set(experts)))
-            self.stats.preloaded += len(missing)
+        """After the store is (re)filled: copies every expert of the layers that hold all
+        theirs, builds their device slot maps, and empties the other layers' slots (a weight
+        reload would leave them stale); waits for the copies."""
+        experts = list(range(self.store.num_experts))
+        for layer in range(len(self.quotas)):
+            if not self.is_resident(layer):
+                for e in list(self._slot_of[layer]):
+                    self._free[layer].append(self._drop(layer, e))
+                continue
+            for e in experts:
+                slot = self._slot_of[layer].get(e)
+                if slot is None:
+                    slot = self._take_slot(layer, set(experts))
+                    self._load(layer, e, slot)
+                else:
+                    self.transfers.copy(self.pool[slot], self.store.record(layer, e))
+            self.stats.preloaded += len(experts)
             slots = [self._slot_of[layer][e] for e in experts]
             self._resident_maps[layer] = (experts, slots, torch.tensor(
                 slots, dtype=torch.int32, device=self.pool.device))
@@ -201,6 +215,10 @@ class ExpertCache:
     def resident_map(self, layer: int) -> tuple[list[int], list[int], torch.Tensor]:
         """(experts, their slots, the same as an [E] int32 map on the device) of a preloaded
         layer."""
+        if layer not in self._resident_maps:
+            raise RuntimeError(f"expert offload: MoE layer {layer} holds all its experts but "
+                               "was never preloaded: its weights were not loaded through "
+                               "load_weights (use a safetensors or dummy load format)")
         return self._resident_maps[layer]
 
     def snapshot(self) -> OffloadStats:

@@ -2,8 +2,9 @@
 is built, so a bad offload setting fails before any engine starts.
 
 For Qwen3-MoE with offload on: validate the model, budget and host memory, cap CUDA graphs at
-PIECEWISE unless the cache holds every expert (our op then reads routing on the host, which a
-full graph would freeze) and add the stats worker extension. For every other architecture:
+PIECEWISE when the cache is smaller than the experts (the op then reads routing on the host,
+which a full graph would freeze; a cache holding every expert never does) and add the stats
+worker extension. For every other architecture:
 refuse offload with a clear message.
 """
 

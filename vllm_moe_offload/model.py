@@ -72,6 +72,10 @@ class Qwen3MoeOffloadForCausalLM(compat.UpstreamQwen3Moe):
             super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
         self.expert_cache = cache
         if len(cache.resident_layers) < store.num_layers:
+            mode = vllm_config.compilation_config.cudagraph_mode
+            if mode is not None and mode.has_full_cudagraphs():  # the config hook prevents it
+                raise ValueError(f"expert offload: cudagraph_mode {mode.name} would capture "
+                                 "the host sync on routing; use PIECEWISE")
             compat.add_splitting_op(vllm_config)
         if _is_dummy_load(vllm_config):
             store.fill_random(seed=vllm_config.model_config.seed or 0)

@@ -2,9 +2,10 @@
 `layer.py` run, and what the profiler times without a model.
 
 `synced_step`: one host sync brings the routed expert set; the cache splits it into passes,
-the resident experts first, and each pass's kernels wait only for their own copies (see
-transfer.py for the ordering). `resident_step`: a layer whose quota holds all its experts
-never syncs, so it can run inside CUDA graphs; its routing is counted on the device.
+the resident experts first, and each pass's kernels wait only for the copies issued up to its
+own, never for later ones (see transfer.py for the ordering). `resident_step`: a layer whose
+quota holds all its experts never syncs, so it can run inside CUDA graphs; its routing is
+counted on the device.
 """
 
 import numpy as np
@@ -20,6 +21,8 @@ def synced_step(cache: ExpertCache, layer: int, hidden: torch.Tensor,
                 prefetcher: CorrelationPrefetcher | None = None) -> None:
     """hidden, out [T, H]; topk_weights, topk_ids [T, K]. The grouping and activation
     quantisation are queued before the sync, so the device works while the host waits."""
+    if topk_ids.numel() == 0:
+        return
     run = kernels.begin(hidden, topk_weights, topk_ids, cache.weights,
                         cache.store.layout.block, cache.store.num_experts)
     ids_host = topk_ids.cpu().numpy()  # the host sync: which experts this step needs

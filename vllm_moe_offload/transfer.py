@@ -3,8 +3,9 @@ the per-pass expert->slot maps the kernels read, with the events that order both
 the compute stream.
 
 Ordering (CUDA). A pass's kernels wait on an event recorded after its experts' copies
-(`wait_copied`), so the compute stream stalls only for what that pass needs while earlier
-passes (the resident experts, hot-first) run. A copy into a slot that an earlier pass of the
+(`wait_copied`; the copy stream is in order, so the event also covers earlier copies such as
+prefetches), never on later copies: the resident experts' pass (hot-first) runs while the
+missing ones arrive. A copy into a slot that an earlier pass of the
 same step still reads first makes the copy stream wait for that pass (`copy_after`). Slots
 read in earlier steps need no event: each layer step begins with a host sync on its routing,
 after which the compute stream has finished everything queued before it.
@@ -22,9 +23,9 @@ import torch
 
 class Transfers:
     def __init__(self, device: torch.device | str):
-        self.device = torch.device(device)
-        self.is_cuda = self.device.type == "cuda"
-        self.stream = torch.cuda.Stream(self.device) if self.is_cuda else None
+        device = torch.device(device)
+        self.is_cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.is_cuda else None
         self._waits: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._copies_since_mark = False
 

@@ -20,13 +20,13 @@ COUNTERS = re.compile(r"expert offload: hits=(\d+) misses=(\d+) hit_rate=\S+ evi
 def offload_metrics(url: str) -> dict[str, float]:
     text = requests.get(f"{url}/metrics", timeout=30).text
     return {name: float(value) for name, value in
-            re.findall(r"^(moe_offload_\w+) ([\d.e+]+)$", text, flags=re.MULTILINE)}
+            re.findall(r"^(moe_offload_\w+) ([-+\d.eE]+)$", text, flags=re.MULTILINE)}
 
 
 def routed_pairs(text: str) -> dict[str, float]:
     """MoE layer -> routed (token, k) pairs summed over its experts, from /metrics."""
     per_layer: dict[str, float] = {}
-    for labels, value in re.findall(r"^moe_offload_expert_routed_total\{(.*)\} ([\d.e+]+)$",
+    for labels, value in re.findall(r"^moe_offload_expert_routed_total\{(.*)\} ([-+\d.eE]+)$",
                                     text, flags=re.MULTILINE):
         layer = dict(re.findall(r'(\w+)="(\w+)"', labels))["layer"]
         per_layer[layer] = per_layer.get(layer, 0.0) + float(value)

@@ -223,7 +223,9 @@ def align_torch(topk_ids: torch.Tensor, num_experts: int, block_m: int
 def align(topk_ids: torch.Tensor, num_experts: int, block_m: int
           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """vLLM's `moe_align_block_size` on CUDA (the grouping stock vLLM's fused MoE uses), else
-    `align_torch`; same outputs either way (block_expert is only read below num_padded)."""
+    `align_torch`. Same contract: pair ids grouped by expert and padded with P up to
+    num_padded rows; past num_padded neither the ids nor the block experts are read (vLLM
+    leaves them unset and its sorted ids need not be a multiple of BLOCK_M long)."""
     if topk_ids.is_cuda and (vllm_align := _vllm_align()) is not None:
         return vllm_align(topk_ids.to(torch.int32), block_m, num_experts)
     return align_torch(topk_ids, num_experts, block_m)
