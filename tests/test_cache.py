@@ -144,15 +144,34 @@ def test_preloaded_layers_hold_every_expert_and_count_lookups_as_hits():
     cache.preload()
     assert cache.stats.preloaded == 16 and cache.stats.bytes_h2d == 0
     assert_slots_consistent(cache)
-    experts, slots, slot_map = cache.resident_map(1)
+    experts, slots, slot_map = cache.device_map(1)
     assert experts == list(range(8)) and slot_map.tolist() == slots
-    ids = torch.tensor([[0, 3], [3, 5]])
     from vllm_moe_offload.kernels import count_routing
-    r = cache.routing
-    count_routing(ids, r.routed[1], r.active[1], r.steps[1:2])
+    count_routing(torch.tensor([[0, 3], [3, 5]]), slot_map, cache.routing, 1)
     snap = cache.snapshot()
     assert snap.hits == 3 and snap.misses == 0 and snap.layer_steps == 1
-    assert r.routed[1].tolist() == [1, 0, 0, 2, 0, 1, 0, 0]
+    assert cache.routing.routed[1].tolist() == [1, 0, 0, 2, 0, 1, 0, 0]
+
+
+def test_device_maps_follow_residency_once_published():
+    cache = make_cache(num_slots=6, num_layers=2, num_experts=8)  # 3 slots per layer
+    cache.preload()
+    assert cache.layer_maps.tolist() == [[-1] * 8, [-1] * 8]
+    for group in cache.schedule(0, [1, 2, 3]):
+        cache.fetch(0, group)
+    for group in cache.schedule(0, [4]):
+        cache.fetch(0, group)  # evicts one of 1, 2, 3
+    assert cache.layer_maps[0].tolist() == [-1] * 8  # not before publish
+    cache.publish_map(0)
+    resident = cache.resident(0)
+    assert cache.layer_maps[0].tolist() == [resident.get(e, -1) for e in range(8)]
+    # a graph step's misses (routed, no slot) count as misses with their bytes
+    from vllm_moe_offload.kernels import count_routing
+    missing = next(e for e in range(8) if e not in resident)
+    count_routing(torch.tensor([[4, missing]]), cache.layer_maps[0], cache.routing, 0)
+    snap = cache.snapshot()
+    assert snap.misses - cache.stats.misses == 1 and snap.hits - cache.stats.hits == 1
+    assert snap.bytes_h2d - cache.stats.bytes_h2d == cache.slot_bytes
 
 
 def test_a_pass_that_fits_beside_the_resident_one_is_fetched_first():

@@ -23,6 +23,7 @@ def test_defaults_off():
     ({"enabled": True, "cache_slots": 0}, "must be > 0"),
     ({"enabled": True, "cache_slots": True}, "must be a number"),
     ({"enabled": "yes"}, "wrong type"),
+    ({"enabled": True, "decode": "async"}, "unknown --expert-decode 'async'"),
 ])
 def test_bad_config(raw, match):
     with pytest.raises(ValueError, match=match):

@@ -63,7 +63,14 @@ class ExpertCache:
         self.transfers = Transfers(device)
         self.maps = SlotMaps(store.num_experts, store.num_experts + 1, device)
         self.resident_layers = [i for i, q in enumerate(self.quotas) if q == store.num_experts]
-        self._resident_maps: dict[int, tuple] = {}
+        self._preloaded = False
+        # expert -> slot of every layer (-1: none), for the steps that run in CUDA graphs and
+        # read it on the device: staged in pinned rows, uploaded after each host-synced step
+        shape = (store.num_layers, store.num_experts)
+        self._maps_host = torch.full(shape, -1, dtype=torch.int32, device="cpu",
+                                     pin_memory=self.transfers.is_cuda)
+        self.layer_maps = self._maps_host.to(device, copy=True)
+        self._maps_dirty = [False] * store.num_layers
         self.stats = OffloadStats()
         self.routing = RoutingCounters(store.num_layers, store.num_experts,
                                        pin=self.transfers.is_cuda)
@@ -177,6 +184,8 @@ class ExpertCache:
         self._prefetched[layer].discard(expert)
         slot = self._slot_of[layer].pop(expert)
         del self._owner[slot]
+        self._maps_host.numpy()[layer, expert] = -1
+        self._maps_dirty[layer] = True
         return slot
 
     def _load(self, layer: int, expert: int, slot: int) -> None:
@@ -184,6 +193,8 @@ class ExpertCache:
         self._slot_of[layer][expert] = slot
         self._owner[slot] = (layer, expert)
         self._policy[layer].insert(expert)
+        self._maps_host.numpy()[layer, expert] = slot
+        self._maps_dirty[layer] = True
 
     def is_resident(self, layer: int) -> bool:
         """The layer's quota holds all its experts: after `preload` it never fetches."""
@@ -207,26 +218,40 @@ class ExpertCache:
                 else:
                     self.transfers.copy(self.pool[slot], self.store.record(layer, e))
             self.stats.preloaded += len(experts)
-            slots = [self._slot_of[layer][e] for e in experts]
-            self._resident_maps[layer] = (experts, slots, torch.tensor(
-                slots, dtype=torch.int32, device=self.pool.device))
         self.transfers.synchronize()
+        for layer in range(len(self.quotas)):
+            self.publish_map(layer)
+        self.transfers.synchronize_compute()
+        self._preloaded = True
 
-    def resident_map(self, layer: int) -> tuple[list[int], list[int], torch.Tensor]:
-        """(experts, their slots, the same as an [E] int32 map on the device) of a preloaded
-        layer."""
-        if layer not in self._resident_maps:
-            raise RuntimeError(f"expert offload: MoE layer {layer} holds all its experts but "
-                               "was never preloaded: its weights were not loaded through "
-                               "load_weights (use a safetensors or dummy load format)")
-        return self._resident_maps[layer]
+    def publish_map(self, layer: int) -> None:
+        """Uploads the layer's expert->slot map for the device-side steps, if it changed, on
+        the compute stream: call after the compute stream has waited for the copies it
+        describes (a host-synced step's end). Its pinned row is rewritten only after the
+        layer's next host sync, when this upload has completed."""
+        if self._maps_dirty[layer]:
+            self.layer_maps[layer].copy_(self._maps_host[layer], non_blocking=True)
+            self._maps_dirty[layer] = False
+
+    def device_map(self, layer: int) -> tuple[list[int], list[int], torch.Tensor]:
+        """(resident experts, their slots, the layer's [E] int32 expert->slot map on the
+        device) for a step that runs without a host sync: the lists for the CPU reference,
+        the map for the kernels (it changes only between such steps, in place)."""
+        if not self._preloaded:
+            raise RuntimeError("expert offload: a layer step ran before the experts were "
+                               "loaded through load_weights (use a safetensors or dummy load "
+                               "format)")
+        resident = self._slot_of[layer]
+        return list(resident), list(resident.values()), self.layer_maps[layer]
 
     def snapshot(self) -> OffloadStats:
-        """The counters, with the lookups of preloaded layers (counted on the device, all
-        hits) folded in. Reads host memory only."""
-        layers = self.resident_layers
-        return replace(self.stats, hits=self.stats.hits + self.routing.lookups(layers),
-                       layer_steps=self.stats.layer_steps + self.routing.layer_steps(layers))
+        """The counters, with the steps counted on the device (CUDA graphs) folded in: their
+        misses read the expert from host memory, one record each. Reads host memory only."""
+        lookups, misses, steps = self.routing.device_totals()
+        s = self.stats
+        return replace(s, hits=s.hits + lookups - misses, misses=s.misses + misses,
+                       bytes_h2d=s.bytes_h2d + misses * self.slot_bytes,
+                       layer_steps=s.layer_steps + steps)
 
     @property
     def slots_in_use(self) -> int:

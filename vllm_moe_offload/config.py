@@ -12,6 +12,7 @@ from vllm_moe_offload.policies import POLICIES
 
 ADDITIONAL_CONFIG_KEY = "expert_offload"
 PREFETCH_MODES = ("off", "correlation")
+DECODE_MODES = ("synced", "zero-copy")
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +23,9 @@ class OffloadConfig:
     policy: str = "lfu"  # beat or tied lru in every cell of benchmarks/cache_sim.py
     prefetch: str = "off"  # "correlation": load the next layer's predicted experts early
     pinned_limit_gb: float | None = None  # cap on host memory for the expert store
+    # "zero-copy": decode steps run inside FULL CUDA graphs, reading missing experts from host
+    # memory; prefill keeps the host-synced fetch (experimental, see step.zero_copy_step)
+    decode: str = "synced"
 
     def __post_init__(self) -> None:
         _check_type("enabled", self.enabled, bool)
@@ -30,6 +34,10 @@ class OffloadConfig:
         _check_type("policy", self.policy, str)
         _check_type("prefetch", self.prefetch, str)
         _check_type("pinned_limit_gb", self.pinned_limit_gb, (int, float), optional=True)
+        _check_type("decode", self.decode, str)
+        if self.decode not in DECODE_MODES:
+            raise ValueError(f"expert offload: unknown --expert-decode {self.decode!r}; "
+                             f"choose one of {', '.join(DECODE_MODES)}")
         if self.cache_gb is not None and self.cache_slots is not None:
             raise ValueError("expert offload: give cache_gb (--expert-cache-gb) or cache_slots "
                              "(--expert-cache-slots), not both")

@@ -2,10 +2,10 @@
 is built, so a bad offload setting fails before any engine starts.
 
 For Qwen3-MoE with offload on: validate the model, budget and host memory, cap CUDA graphs at
-PIECEWISE when the cache is smaller than the experts (the op then reads routing on the host,
-which a full graph would freeze; a cache holding every expert never does) and add the stats
-worker extension. For every other architecture:
-refuse offload with a clear message.
+PIECEWISE when the cache is smaller than the experts and decode is host-synced (the op then
+reads routing on the host, which a full graph would freeze; a cache holding every expert, or
+zero-copy decode, never does inside a graph) and add the stats worker extension. For every
+other architecture: refuse offload with a clear message.
 """
 
 from vllm_moe_offload.config import OffloadConfig
@@ -23,7 +23,8 @@ def verify_offload_model(vllm_config) -> None:
     geometry, plan = plan_for(vllm_config, offload)
     check_host_memory(geometry.total_experts * geometry.layout.record_bytes,
                       pinned_limit_bytes(offload))
-    if plan.num_slots < geometry.total_experts:  # else no layer ever syncs on routing
+    if plan.num_slots < geometry.total_experts and offload.decode == "synced":
+        # else no step inside a CUDA graph syncs on routing (see step.graph_step)
         _cap_at_piecewise(vllm_config.compilation_config)
     parallel = vllm_config.parallel_config
     if not parallel.worker_extension_cls:
@@ -38,7 +39,8 @@ def _cap_at_piecewise(compilation) -> None:
         raise ValueError(
             f"expert offload: cudagraph_mode {compilation.cudagraph_mode.name} captures the "
             "expert fetches, which depend on routing; use -cc.cudagraph_mode=PIECEWISE (the "
-            "default with offload) or NONE, or a cache that holds every expert")
+            "default with offload) or NONE, a cache that holds every expert, or "
+            "--expert-decode zero-copy")
 
 
 def reject_offload(vllm_config) -> None:

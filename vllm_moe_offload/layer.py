@@ -80,12 +80,16 @@ class OffloadSparseMoeBlock(compat.UpstreamMoeBlock):
 
     def run_resident(self, hidden: torch.Tensor, out: torch.Tensor) -> None:
         """The op body of a layer holding all its experts (captured in CUDA graphs)."""
-        step.resident_step(self.cache, self.moe_index, hidden, *self._route(hidden), out)
+        step.graph_step(self.cache, self.moe_index, hidden, *self._route(hidden), out)
 
     def run(self, hidden: torch.Tensor, out: torch.Tensor) -> None:
-        """The op body, eager: route, then the host-synced step over the cache."""
-        step.synced_step(self.cache, self.moe_index, hidden, *self._route(hidden), out,
-                         self.prefetcher)
+        """The op body: eager, the host-synced step; while vLLM captures a FULL CUDA graph
+        (zero-copy decode), the graph step, which never syncs."""
+        routed = self._route(hidden)
+        if hidden.is_cuda and torch.cuda.is_current_stream_capturing():
+            step.graph_step(self.cache, self.moe_index, hidden, *routed, out)
+        else:
+            step.synced_step(self.cache, self.moe_index, hidden, *routed, out, self.prefetcher)
 
 
 def _op(hidden: torch.Tensor, out: torch.Tensor, layer_name: str) -> None:

@@ -73,7 +73,8 @@ class Qwen3MoeOffloadForCausalLM(compat.UpstreamQwen3Moe):
         self.expert_cache = cache
         if len(cache.resident_layers) < store.num_layers:
             mode = vllm_config.compilation_config.cudagraph_mode
-            if mode is not None and mode.has_full_cudagraphs():  # the config hook prevents it
+            if (offload.decode == "synced" and mode is not None
+                    and mode.has_full_cudagraphs()):  # the config hook prevents it
                 raise ValueError(f"expert offload: cudagraph_mode {mode.name} would capture "
                                  "the host sync on routing; use PIECEWISE")
             compat.add_splitting_op(vllm_config)

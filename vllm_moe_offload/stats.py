@@ -52,32 +52,31 @@ class OffloadStats:
 
 
 class RoutingCounters:
-    """Per MoE layer: steps, and per expert the routed (token, k) pairs and the steps that
-    routed to it at all (each such step is one cache lookup of that expert).
+    """Per MoE layer and expert: routed (token, k) pairs and steps, over all layer steps (the
+    router statistics); and for the steps counted on the device (inside CUDA graphs: layers
+    holding all their experts, zero-copy decode) the lookups, the misses (experts read from
+    host memory) and the steps, which the host never sees.
 
-    Kept in host memory, pinned with CUDA: layers that hold all their experts count on the
-    device (inside CUDA graphs, kernels/usage.py writes here through the mapping), the others
-    count on the host; readers never call into CUDA, so the stats thread cannot disturb a
-    graph capture.
+    Kept in host memory, pinned with CUDA: kernels/usage.py writes here through the mapping,
+    the host-synced path with numpy; readers never call into CUDA, so the stats thread cannot
+    disturb a graph capture.
     """
 
     def __init__(self, num_layers: int, num_experts: int, pin: bool = False):
         def zeros(*shape):
             return torch.zeros(*shape, dtype=torch.int64, device="cpu", pin_memory=pin)
-        self.routed, self.active, self.steps = (zeros(num_layers, num_experts),
-                                                zeros(num_layers, num_experts), zeros(num_layers))
-        self._routed, self._active, self._steps = (self.routed.numpy(), self.active.numpy(),
-                                                   self.steps.numpy())
+        self.routed, self.steps = zeros(num_layers, num_experts), zeros(num_layers)
+        self.device_lookups = zeros(num_layers, num_experts)
+        self.device_misses = zeros(num_layers, num_experts)
+        self.device_steps = zeros(num_layers)
 
     def add(self, layer: int, ids: np.ndarray) -> None:
-        """One layer step's expert ids (any shape), counted on the host."""
-        counts = np.bincount(ids.reshape(-1), minlength=self._routed.shape[1])
-        self._routed[layer] += counts
-        self._active[layer] += counts > 0
-        self._steps[layer] += 1
+        """One host-synced layer step's expert ids (any shape)."""
+        self.routed.numpy()[layer] += np.bincount(ids.reshape(-1),
+                                                  minlength=self.routed.shape[1])
+        self.steps.numpy()[layer] += 1
 
-    def lookups(self, layers: list[int]) -> int:
-        return int(self._active[layers].sum())
-
-    def layer_steps(self, layers: list[int]) -> int:
-        return int(self._steps[layers].sum())
+    def device_totals(self) -> tuple[int, int, int]:
+        """(lookups, misses, layer steps) counted on the device, over all layers."""
+        return (int(self.device_lookups.numpy().sum()), int(self.device_misses.numpy().sum()),
+                int(self.device_steps.numpy().sum()))

@@ -3,9 +3,9 @@
 
 `synced_step`: one host sync brings the routed expert set; the cache splits it into passes,
 the resident experts first, and each pass's kernels wait only for the copies issued up to its
-own, never for later ones (see transfer.py for the ordering). `resident_step`: a layer whose
-quota holds all its experts never syncs, so it can run inside CUDA graphs; its routing is
-counted on the device.
+own, never for later ones (see transfer.py for the ordering). `graph_step`: no host sync, so
+it runs inside CUDA graphs: layers whose quota holds all their experts, and (zero-copy
+decode) the other layers' decode steps, which read missing experts from host memory.
 """
 
 import numpy as np
@@ -46,6 +46,7 @@ def synced_step(cache: ExpertCache, layer: int, hidden: torch.Tensor,
             if len(fetched) == i + 1:
                 fetched.append(cache.fetch_pass(layer, following))
     kernels.finish(run, out)
+    cache.publish_map(layer)  # for graph steps: the compute stream has waited for its copies
     if prefetcher is not None:
         _prefetch_next(cache, layer, prefetcher, ids_host)
     stats.layer_steps += 1
@@ -53,17 +54,17 @@ def synced_step(cache: ExpertCache, layer: int, hidden: torch.Tensor,
     stats.host_syncs += 1
 
 
-def resident_step(cache: ExpertCache, layer: int, hidden: torch.Tensor,
-                  topk_weights: torch.Tensor, topk_ids: torch.Tensor, out: torch.Tensor) -> None:
-    """A preloaded layer: no host sync, no copies."""
+def graph_step(cache: ExpertCache, layer: int, hidden: torch.Tensor,
+               topk_weights: torch.Tensor, topk_ids: torch.Tensor, out: torch.Tensor) -> None:
+    """A layer step without host sync or copies, so it can run inside CUDA graphs: experts
+    with a slot (the layer's device map) are read from it, the others straight from the
+    pinned host store (zero-copy); routing, lookups and misses are counted on the device."""
     run = kernels.begin(hidden, topk_weights, topk_ids, cache.weights,
                         cache.store.layout.block, cache.store.num_experts)
-    experts, slots, slot_map = cache.resident_map(layer)
-    kernels.run_pass(run, cache.weights, experts, slots, slot_map)
+    experts, slots, slot_map = cache.device_map(layer)
+    kernels.run_pass(run, cache.weights, experts, slots, slot_map, cache.store.views[layer])
     kernels.finish(run, out)
-    routing = cache.routing
-    kernels.count_routing(topk_ids, routing.routed[layer], routing.active[layer],
-                          routing.steps[layer:layer + 1])
+    kernels.count_routing(topk_ids, slot_map, cache.routing, layer)
 
 
 def _prefetch_next(cache: ExpertCache, layer: int, prefetcher: CorrelationPrefetcher,

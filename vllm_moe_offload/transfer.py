@@ -81,6 +81,10 @@ class Transfers:
         if self.stream is not None:
             self.stream.synchronize()
 
+    def synchronize_compute(self) -> None:
+        if self.stream is not None:
+            torch.cuda.current_stream().synchronize()
+
 
 class SlotMaps:
     """Per-pass expert->slot maps ([E] int32, -1: not in the pass) for the kernels, staged

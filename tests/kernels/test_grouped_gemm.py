@@ -121,3 +121,38 @@ def test_passes_share_one_plan():
         both.append(out)
     assert torch.isfinite(both[0].float()).all()
     assert torch.equal(both[0], both[1])
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_zero_copy_pass_reads_missing_experts_from_the_host_store(fp8):
+    """One pass over a map with holes plus the host store's views computes exactly what a
+    pass with every expert in the pool computes."""
+    h, inter, e, k, tokens = 256, 128, 12, 4, 9
+    gen = torch.Generator().manual_seed(7 + fp8)
+    layout = ExpertLayout(h, inter, torch.float8_e4m3fn if fp8 else torch.bfloat16,
+                          (128, 128) if fp8 else None)
+    host = random_pool(layout, e, gen).cpu()  # the store: expert i in record i
+    if DEVICE == "cuda":
+        host = host.pin_memory()
+    slots = torch.randperm(e, generator=gen)[:e // 2].tolist()  # half the experts cached
+    pool = torch.empty(e // 2, layout.record_bytes, dtype=torch.uint8)
+    for s, expert in enumerate(slots):
+        pool[s] = host[expert]
+    pool = pool.to(DEVICE)
+    weights, host_weights = layout.views(pool), layout.views(host)
+    hidden = torch.randn(tokens, h, generator=gen).bfloat16().to(DEVICE)
+    topk_w, topk_ids = route(torch.randn(tokens, e, generator=gen).to(DEVICE), k, True)
+    y = torch.full((tokens * k, h), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    plan = grouped_gemm.plan_step(hidden, topk_w, topk_ids, weights, layout.block, e, y)
+    grouped_gemm.run_pass(plan, weights,
+                          grouped_gemm.slot_map_of(slots, list(range(len(slots))), e, DEVICE),
+                          host_weights)
+    assert torch.isfinite(y.float()).all(), "every row is written"
+    # the same step with every expert in the pool (tested against the reference above)
+    full = torch.empty_like(y)
+    everything = list(range(e))
+    all_weights = layout.views(host.to(DEVICE))
+    plan = grouped_gemm.plan_step(hidden, topk_w, topk_ids, all_weights, layout.block, e, full)
+    grouped_gemm.run_pass(plan, all_weights,
+                          grouped_gemm.slot_map_of(everything, everything, e, DEVICE))
+    assert torch.equal(y, full)

@@ -60,16 +60,22 @@ def begin(hidden, topk_weights, topk_ids, weights, block, num_experts):
     return ReferenceStep(hidden, topk_weights, topk_ids, block, acc)
 
 
-def run_pass(step, weights, experts: list[int], slots: list[int],
-             slot_map: torch.Tensor) -> None:
+def run_pass(step, weights, experts: list[int], slots: list[int], slot_map: torch.Tensor,
+             host_weights: dict[str, torch.Tensor] | None = None) -> None:
     """One pass over `experts`, resident in `slots`; slot_map is the same on the device
-    ([E] int32, -1 outside the pass), which the kernels read."""
+    ([E] int32, -1 outside the pass), which the kernels read. host_weights (zero-copy): the
+    layer's views of the pinned host store; the step's other routed experts are computed
+    from there (over PCIe on CUDA)."""
     if isinstance(step, ReferenceStep):
         grouped_experts(step.hidden, step.topk_weights, step.topk_ids, experts, slots, weights,
                         step.block, step.acc)
+        if host_weights is not None:
+            others = sorted(set(step.topk_ids.reshape(-1).tolist()) - set(experts))
+            grouped_experts(step.hidden, step.topk_weights, step.topk_ids, others, others,
+                            host_weights, step.block, step.acc)
     else:
         from vllm_moe_offload.kernels import grouped_gemm
-        grouped_gemm.run_pass(step, weights, slot_map)
+        grouped_gemm.run_pass(step, weights, slot_map, host_weights)
 
 
 def finish(step, out: torch.Tensor) -> None:

@@ -74,18 +74,33 @@ def pick_config(num_pairs: int, weight_bytes: int, device_name: str = "") -> dic
 
 
 @triton.jit
-def _block_slot(pid_m, block_expert_ptr, num_padded_ptr, slot_map_ptr, BLOCK_M: tl.constexpr):
-    """The slot holding block pid_m's expert; -1 past the padded end or outside the pass."""
+def _block_expert_slot(pid_m, block_expert_ptr, num_padded_ptr, slot_map_ptr,
+                       BLOCK_M: tl.constexpr):
+    """Block pid_m's expert (-1 past the padded end) and its slot (-1: not in this pass)."""
     in_range = pid_m * BLOCK_M < tl.load(num_padded_ptr)
     expert = tl.load(block_expert_ptr + pid_m, mask=in_range, other=-1)
     slot = tl.load(slot_map_ptr + expert, mask=expert >= 0, other=-1)
-    return slot.to(tl.int64)
+    return expert.to(tl.int64), slot.to(tl.int64)
+
+
+@triton.jit
+def _expert_base(slot, expert, w_ptr, s_ptr, hw_ptr, hs_ptr, stride_ws, stride_ss):
+    """Where the expert's weights and scales start: its slot in the pool, or (zero-copy, no
+    slot) its record in the pinned host store, read through the UVA mapping; the two share
+    one record layout, hence the strides."""
+    if slot >= 0:
+        w = w_ptr + slot * stride_ws
+        s = s_ptr + slot * stride_ss
+    else:
+        w = hw_ptr + expert * stride_ws
+        s = hs_ptr + expert * stride_ss
+    return w, s
 
 
 @triton.jit
 def _w13_silu_kernel(
     # tensors
-    x_ptr, x_scale_ptr, w13_ptr, s13_ptr, act_ptr,
+    x_ptr, x_scale_ptr, w13_ptr, s13_ptr, hw13_ptr, hs13_ptr, act_ptr,
     sorted_pairs_ptr, block_expert_ptr, num_padded_ptr, slot_map_ptr,
     # sizes
     num_pairs, top_k, hidden, inter,
@@ -93,20 +108,26 @@ def _w13_silu_kernel(
     stride_xt, stride_xst, stride_ws, stride_wn, stride_ss, stride_sn, stride_sk, stride_ap,
     # meta
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP: tl.constexpr, IS_FP8: tl.constexpr, UPCAST: tl.constexpr,
+    GROUP: tl.constexpr, IS_FP8: tl.constexpr, UPCAST: tl.constexpr, ZERO_COPY: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    slot = _block_slot(pid_m, block_expert_ptr, num_padded_ptr, slot_map_ptr, BLOCK_M)
-    if slot < 0:  # past the padded end, or an expert outside this pass
+    expert, slot = _block_expert_slot(pid_m, block_expert_ptr, num_padded_ptr, slot_map_ptr,
+                                      BLOCK_M)
+    if expert < 0:  # past the padded end
         return
+    if not ZERO_COPY:
+        if slot < 0:  # an expert outside this pass
+            return
+    w_base, s_base = _expert_base(slot, expert, w13_ptr, s13_ptr, hw13_ptr, hs13_ptr,
+                                  stride_ws, stride_ss)
     pair = tl.load(sorted_pairs_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
     row_ok = pair < num_pairs
     token = tl.where(row_ok, pair // top_k, 0).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # columns of I
     col_ok = offs_n < inter
     offs_k = tl.arange(0, BLOCK_K)
-    w_gate = w13_ptr + slot * stride_ws + offs_n[None, :] * stride_wn + offs_k[:, None]
+    w_gate = w_base + offs_n[None, :] * stride_wn + offs_k[:, None]
     w_up = w_gate + inter * stride_wn
     a_ptrs = x_ptr + token[:, None] * stride_xt + offs_k[None, :]
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -117,9 +138,9 @@ def _w13_silu_kernel(
         wu = tl.load(w_up + k, mask=col_ok[None, :], other=0.0)
         if IS_FP8:
             a_s = tl.load(x_scale_ptr + token * stride_xst + k // GROUP)  # [BM]
-            s_base = s13_ptr + slot * stride_ss + (k // GROUP) * stride_sk
-            sg = tl.load(s_base + (offs_n // GROUP) * stride_sn, mask=col_ok, other=0.0)
-            su = tl.load(s_base + ((offs_n + inter) // GROUP) * stride_sn, mask=col_ok,
+            s_k = s_base + (k // GROUP) * stride_sk
+            sg = tl.load(s_k + (offs_n // GROUP) * stride_sn, mask=col_ok, other=0.0)
+            su = tl.load(s_k + ((offs_n + inter) // GROUP) * stride_sn, mask=col_ok,
                          other=0.0)
             acc_gate += tl.dot(a, wg) * a_s[:, None] * sg[None, :]
             acc_up += tl.dot(a, wu) * a_s[:, None] * su[None, :]
@@ -140,7 +161,7 @@ def _w13_silu_kernel(
 @triton.jit
 def _w2_kernel(
     # tensors
-    a_ptr, a_scale_ptr, w2_ptr, s2_ptr, y_ptr, topk_weight_ptr,
+    a_ptr, a_scale_ptr, w2_ptr, s2_ptr, hw2_ptr, hs2_ptr, y_ptr, topk_weight_ptr,
     sorted_pairs_ptr, block_expert_ptr, num_padded_ptr, slot_map_ptr,
     # sizes
     num_pairs, hidden, inter,
@@ -148,20 +169,26 @@ def _w2_kernel(
     stride_ap, stride_asp, stride_ws, stride_wn, stride_ss, stride_sn, stride_sk, stride_yp,
     # meta
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP: tl.constexpr, IS_FP8: tl.constexpr, UPCAST: tl.constexpr,
+    GROUP: tl.constexpr, IS_FP8: tl.constexpr, UPCAST: tl.constexpr, ZERO_COPY: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    slot = _block_slot(pid_m, block_expert_ptr, num_padded_ptr, slot_map_ptr, BLOCK_M)
-    if slot < 0:  # past the padded end, or an expert outside this pass
+    expert, slot = _block_expert_slot(pid_m, block_expert_ptr, num_padded_ptr, slot_map_ptr,
+                                      BLOCK_M)
+    if expert < 0:  # past the padded end
         return
+    if not ZERO_COPY:
+        if slot < 0:  # an expert outside this pass
+            return
+    w_base, s_base = _expert_base(slot, expert, w2_ptr, s2_ptr, hw2_ptr, hs2_ptr,
+                                  stride_ws, stride_ss)
     pair = tl.load(sorted_pairs_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
     row_ok = pair < num_pairs
     safe_pair = tl.where(row_ok, pair, 0).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # columns of H
     col_ok = offs_n < hidden
     offs_k = tl.arange(0, BLOCK_K)
-    w_ptrs = w2_ptr + slot * stride_ws + offs_n[None, :] * stride_wn + offs_k[:, None]
+    w_ptrs = w_base + offs_n[None, :] * stride_wn + offs_k[:, None]
     a_ptrs = a_ptr + safe_pair[:, None] * stride_ap + offs_k[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, inter, BLOCK_K):
@@ -169,8 +196,8 @@ def _w2_kernel(
         w = tl.load(w_ptrs + k, mask=col_ok[None, :], other=0.0)  # [BK, BN]
         if IS_FP8:
             a_s = tl.load(a_scale_ptr + safe_pair * stride_asp + k // GROUP)
-            s = tl.load(s2_ptr + slot * stride_ss + (offs_n // GROUP) * stride_sn
-                        + (k // GROUP) * stride_sk, mask=col_ok, other=0.0)
+            s = tl.load(s_base + (offs_n // GROUP) * stride_sn + (k // GROUP) * stride_sk,
+                        mask=col_ok, other=0.0)
             acc += tl.dot(a, w) * a_s[:, None] * s[None, :]
         elif UPCAST:
             acc += tl.dot(a.to(tl.float32), w.to(tl.float32))
@@ -281,9 +308,14 @@ def plan_step(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.
                     block_expert, num_padded, act, y, k, is_fp8, cfg)
 
 
-def run_pass(plan: StepPlan, weights: dict[str, torch.Tensor], slot_map: torch.Tensor) -> None:
+def run_pass(plan: StepPlan, weights: dict[str, torch.Tensor], slot_map: torch.Tensor,
+             host_weights: dict[str, torch.Tensor] | None = None) -> None:
     """Writes plan.y's rows of the pairs whose expert slot_map ([E] int32 on the device, -1:
-    not in this pass) places in a slot; other rows are left as they are."""
+    not in this pass) places in a slot; other rows are left as they are.
+
+    host_weights (zero-copy): the layer's typed views of the pinned host store ([E, ...], the
+    pool's record layout); then experts without a slot are computed too, reading their
+    weights from host memory (PCIe), and every row is written."""
     cfg = dict(plan.config)
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
     w13, w2 = weights["w13"], weights["w2"]  # [S, 2I, H], [S, H, I]
@@ -292,19 +324,25 @@ def run_pass(plan: StepPlan, weights: dict[str, torch.Tensor], slot_map: torch.T
     inter = act.shape[1]
     s13 = weights["s13"] if is_fp8 else w13  # scale pointers are unused without FP8
     s2 = weights["s2"] if is_fp8 else w13
-    blocks = (plan.block_expert.numel(), plan.sorted_pairs.numel() // bm)
-    grid_m = min(blocks)
+    zero_copy = host_weights is not None
+    host = host_weights if zero_copy else weights  # unread unless zero-copy
+    hw13, hw2 = host["w13"], host["w2"]
+    hs13 = host["s13"] if is_fp8 else hw13
+    hs2 = host["s2"] if is_fp8 else hw13
+    assert not zero_copy or (hw13.stride() == w13.stride() and hw2.stride() == w2.stride()
+                             and hs13.stride() == s13.stride()), "store and pool layouts differ"
+    grid_m = min(plan.block_expert.numel(), plan.sorted_pairs.numel() // bm)
     meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP=FP8_GROUP, IS_FP8=is_fp8,
-                UPCAST=_UPCAST_BF16, **cfg)
+                UPCAST=_UPCAST_BF16, ZERO_COPY=zero_copy, **cfg)
     x, xs = plan.x, plan.x_scale
     _w13_silu_kernel[(grid_m, triton.cdiv(inter, bn))](
-        x, xs, w13, s13, act, plan.sorted_pairs, plan.block_expert, plan.num_padded, slot_map,
-        num_pairs, plan.top_k, h, inter,
+        x, xs, w13, s13, hw13, hs13, act, plan.sorted_pairs, plan.block_expert,
+        plan.num_padded, slot_map, num_pairs, plan.top_k, h, inter,
         x.stride(0), xs.stride(0), w13.stride(0), w13.stride(1),
         s13.stride(0), s13.stride(1), s13.stride(2) if is_fp8 else 0, act.stride(0), **meta)
     a, a_scale = quantize_fp8_groups(act, FP8_GROUP) if is_fp8 else (act, act)
     _w2_kernel[(grid_m, triton.cdiv(h, bn))](
-        a, a_scale, w2, s2, y, plan.topk_weights, plan.sorted_pairs, plan.block_expert,
+        a, a_scale, w2, s2, hw2, hs2, y, plan.topk_weights, plan.sorted_pairs, plan.block_expert,
         plan.num_padded, slot_map, num_pairs, h, inter,
         a.stride(0), a_scale.stride(0), w2.stride(0), w2.stride(1),
         s2.stride(0), s2.stride(1), s2.stride(2) if is_fp8 else 0, y.stride(0), **meta)
