@@ -6,8 +6,9 @@ request first-token and last-token times (vLLM's request stats) give TTFT and TP
 
 usage (GPU machine, kit env; VLLM_MOE_ROUTING_SIMULATION_STRATEGY=uniform_random for uniform
 routing): python benchmarks/bench_e2e.py SYSTEM SCENARIOS [--out F.json] [--preset P]
-  SYSTEM: stock | uvaNN | offloadNN | offloadNN+prefetch   (NN: percent of the expert bytes
-          held on the GPU)        SCENARIOS: comma-separated lat,thr,ttft
+  SYSTEM: stock | uvaNN | offloadNN[+prefetch][+zerocopy]   (NN: percent of the expert bytes
+          held on the GPU; +zerocopy: --expert-decode zero-copy)
+  SCENARIOS: comma-separated lat,thr,ttft
 Each run writes one JSON; benchmarks/e2e_report.py merges runs into the table, JSON and plot.
 """
 
@@ -44,19 +45,21 @@ def h2d_bandwidth(record_bytes: int) -> float:
     return best
 
 
-def parse_system(system: str) -> tuple[str, float | None, bool]:
-    """'offload25+prefetch' -> ('offload', 0.25, True)."""
-    name, _, extra = system.partition("+")
+def parse_system(system: str) -> tuple[str, float | None, set[str]]:
+    """'offload25+prefetch' -> ('offload', 0.25, {'prefetch'})."""
+    name, *extras = system.split("+")
+    if not set(extras) <= {"prefetch", "zerocopy"}:
+        raise SystemExit(f"unknown system {system!r}")
     for kind in ("uva", "offload"):
         if name.startswith(kind):
-            return kind, int(name[len(kind):]) / 100, extra == "prefetch"
+            return kind, int(name[len(kind):]) / 100, set(extras)
     if name != "stock":
         raise SystemExit(f"unknown system {system!r}")
-    return "stock", None, False
+    return "stock", None, set()
 
 
 def engine_kwargs(system: str, model_dir: Path, expert_gib: float) -> dict:
-    kind, share, prefetch = parse_system(system)
+    kind, share, extras = parse_system(system)
     kw = dict(model=str(model_dir), skip_tokenizer_init=True, load_format="dummy",
               max_model_len=4096, kv_cache_memory_bytes=8 << 30, max_num_seqs=256, seed=0,
               disable_log_stats=False)
@@ -65,7 +68,8 @@ def engine_kwargs(system: str, model_dir: Path, expert_gib: float) -> dict:
     elif kind == "offload":
         kw["additional_config"] = {"expert_offload": {
             "enabled": True, "cache_gb": expert_gib * share,
-            "prefetch": "correlation" if prefetch else "off"}}
+            "prefetch": "correlation" if "prefetch" in extras else "off",
+            "decode": "zero-copy" if "zerocopy" in extras else "synced"}}
     if not torch.cuda.is_available():  # a CPU smoke run of this script
         kw.update(kv_cache_memory_bytes=None, max_model_len=512, gpu_memory_utilization=0.3,
                   enforce_eager=True)

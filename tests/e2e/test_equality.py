@@ -59,6 +59,18 @@ def test_tiny_fp8_equals_stock_cuda_graphs(models, tmp_path):
     assert_greedy_close(stock, offload)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="zero-copy decode runs inside FULL CUDA graphs")
+def test_tiny_bf16_zero_copy_decode_equals_stock(models, tmp_path):
+    stock = generate(models["tiny"], tmp_path, llm_kwargs={"enforce_eager": False})
+    settings = {"expert_offload": {**OFFLOAD["expert_offload"], "decode": "zero-copy"}}
+    offload = generate(models["tiny"], tmp_path, settings, llm_kwargs={"enforce_eager": False})
+    stats = offload["stats"]
+    assert stats["misses"] > 0 and stats["hits"] > 0 and stats["host_syncs"] > 0  # prefill
+    assert stats["layer_steps"] > stats["host_syncs"]  # decode steps ran inside graphs
+    assert_greedy_close(stock, offload)
+
+
 def test_plugin_is_inert_when_offload_is_off(models, tmp_path):
     """Offload off: the same tokens and logprobs as vLLM without the plugin loaded."""
     from tests.e2e.conftest import engine_env
