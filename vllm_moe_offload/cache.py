@@ -227,8 +227,9 @@ class ExpertCache:
     def publish_map(self, layer: int) -> None:
         """Uploads the layer's expert->slot map for the device-side steps, if it changed, on
         the compute stream: call after the compute stream has waited for the copies it
-        describes (a host-synced step's end). Its pinned row is rewritten only after the
-        layer's next host sync, when this upload has completed."""
+        describes (a host-synced step's end). Its pinned row is rewritten only after a later
+        host sync (this layer's step, or the previous layer's prefetch), when this upload has
+        completed."""
         if self._maps_dirty[layer]:
             self.layer_maps[layer].copy_(self._maps_host[layer], non_blocking=True)
             self._maps_dirty[layer] = False
@@ -241,12 +242,18 @@ class ExpertCache:
             raise RuntimeError("expert offload: a layer step ran before the experts were "
                                "loaded through load_weights (use a safetensors or dummy load "
                                "format)")
-        resident = self._slot_of[layer]
-        return list(resident), list(resident.values()), self.layer_maps[layer]
+        slot_map = self.layer_maps[layer]
+        if not slot_map.is_cuda:  # the CPU reference reads the published map too
+            experts = (slot_map >= 0).nonzero().flatten().tolist()
+            return experts, slot_map[experts].tolist(), slot_map
+        resident = self._slot_of[layer]  # unread on CUDA: the kernels take the map
+        return list(resident), list(resident.values()), slot_map
 
     def snapshot(self) -> OffloadStats:
         """The counters, with the steps counted on the device (CUDA graphs) folded in: their
-        misses read the expert from host memory, one record each. Reads host memory only."""
+        misses read the expert from host memory, counted as one record each (a lower bound:
+        a zero-copy expert with more pairs than a block is read once per block of pairs).
+        Reads host memory only."""
         lookups, misses, steps = self.routing.device_totals()
         s = self.stats
         return replace(s, hits=s.hits + lookups - misses, misses=s.misses + misses,

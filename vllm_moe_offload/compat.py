@@ -59,12 +59,10 @@ def register_forward_layer(vllm_config, name: str, layer: nn.Module) -> None:
 
 
 def add_splitting_op(vllm_config) -> None:
-    """Runs our op eagerly between piecewise CUDA-graph pieces: it reads routing on the host.
-
-    Only a non-empty list is extended: an empty one means full-graph compilation (no
-    splitting at all), where our op would be captured; the config hook rejects the FULL
-    CUDA-graph modes that would capture it.
-    """
+    """Runs our op eagerly between piecewise CUDA-graph pieces: there it reads routing on the
+    host. Only a non-empty list is extended: an empty one means full-graph compilation (no
+    splitting at all); the config hook allows full graphs only where the op never syncs
+    inside them (every expert cached, or zero-copy decode graphs)."""
     ops = vllm_config.compilation_config.splitting_ops
     if ops and OP_QUALNAME not in ops:
         ops.append(OP_QUALNAME)

@@ -24,7 +24,7 @@ class OffloadConfig:
     prefetch: str = "off"  # "correlation": load the next layer's predicted experts early
     pinned_limit_gb: float | None = None  # cap on host memory for the expert store
     # "zero-copy": decode steps run inside FULL CUDA graphs, reading missing experts from host
-    # memory; prefill keeps the host-synced fetch (experimental, see step.zero_copy_step)
+    # memory; prefill keeps the host-synced fetch (experimental, see step.graph_step)
     decode: str = "synced"
 
     def __post_init__(self) -> None:

@@ -23,9 +23,11 @@ def verify_offload_model(vllm_config) -> None:
     geometry, plan = plan_for(vllm_config, offload)
     check_host_memory(geometry.total_experts * geometry.layout.record_bytes,
                       pinned_limit_bytes(offload))
-    if plan.num_slots < geometry.total_experts and offload.decode == "synced":
-        # else no step inside a CUDA graph syncs on routing (see step.graph_step)
-        _cap_at_piecewise(vllm_config.compilation_config)
+    if plan.num_slots < geometry.total_experts:  # else no step ever syncs on routing
+        if offload.decode == "synced":
+            _cap_at_piecewise(vllm_config.compilation_config)
+        else:
+            _require_eager_mixed_batches(vllm_config.compilation_config)
     parallel = vllm_config.parallel_config
     if not parallel.worker_extension_cls:
         parallel.worker_extension_cls = STATS_EXTENSION
@@ -41,6 +43,17 @@ def _cap_at_piecewise(compilation) -> None:
             "expert fetches, which depend on routing; use -cc.cudagraph_mode=PIECEWISE (the "
             "default with offload) or NONE, a cache that holds every expert, or "
             "--expert-decode zero-copy")
+
+
+def _require_eager_mixed_batches(compilation) -> None:
+    """Zero-copy decode: graphs only for decode batches; prefill and mixed batches must run
+    eagerly (piecewise), where the synced step fetches (in a graph they would never fetch)."""
+    mode = compilation.cudagraph_mode
+    if mode is not None and mode.has_full_cudagraphs() and not mode.separate_routine():
+        raise ValueError(
+            f"expert offload: --expert-decode zero-copy needs prefill and mixed batches "
+            f"outside full CUDA graphs, which cudagraph_mode {mode.name} captures; use "
+            "FULL_AND_PIECEWISE (vLLM's default) or FULL_DECODE_ONLY")
 
 
 def reject_offload(vllm_config) -> None:

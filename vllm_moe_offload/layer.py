@@ -2,10 +2,11 @@
 
 The block owns no expert weights: they live in the shared `ExpertStore` (host) and
 `ExpertCache` (device slots). Its traced forward calls `torch.ops.vllm.moe_offload_experts`,
-which vLLM runs eagerly between CUDA-graph pieces (router included, as upstream's op does),
-or, when its layer holds all its experts, `torch.ops.vllm.moe_resident_experts`, which has
-no host sync and is captured in the graphs. Both write into an output allocated in traced
-code, so graph replays see a stable address.
+which vLLM runs eagerly between CUDA-graph pieces (router included, as upstream's op does) and
+which syncs on routing there; captured in a FULL decode graph (zero-copy decode) it takes the
+sync-free graph step instead. A layer holding all its experts calls
+`torch.ops.vllm.moe_resident_experts`, which never syncs and is captured in the graphs. Both
+write into an output allocated in traced code, so graph replays see a stable address.
 
 Dimensions: T tokens, K top-k, E experts, H hidden.
 """
@@ -105,8 +106,8 @@ def _op_fake(hidden: torch.Tensor, out: torch.Tensor, layer_name: str) -> None:
 
 
 def register_ops() -> None:
-    """Registers torch.ops.vllm.moe_offload_experts (a CUDA-graph splitting op: it syncs on
-    routing) and torch.ops.vllm.moe_resident_experts (captured) once per process."""
+    """Registers torch.ops.vllm.moe_offload_experts (a CUDA-graph splitting op: run eagerly it
+    syncs on routing) and torch.ops.vllm.moe_resident_experts (captured) once per process."""
     from vllm.utils.torch_utils import direct_register_custom_op
     for name, body in ((compat.OP_NAME, _op), (compat.RESIDENT_OP_NAME, _resident_op)):
         if not hasattr(torch.ops.vllm, name):

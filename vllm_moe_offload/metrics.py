@@ -129,4 +129,6 @@ class OffloadWorkerExtension:
                 "store_bytes": cache.store.nbytes,
                 "routed_per_layer_expert": routing.routed.tolist(),
                 "steps_per_layer": routing.steps.tolist(),
+                "graph_lookups": routing.device_totals()[0],
+                "graph_misses": routing.device_totals()[1],
                 "slots_in_use": cache.slots_in_use}

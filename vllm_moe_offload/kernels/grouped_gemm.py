@@ -330,7 +330,8 @@ def run_pass(plan: StepPlan, weights: dict[str, torch.Tensor], slot_map: torch.T
     hs13 = host["s13"] if is_fp8 else hw13
     hs2 = host["s2"] if is_fp8 else hw13
     assert not zero_copy or (hw13.stride() == w13.stride() and hw2.stride() == w2.stride()
-                             and hs13.stride() == s13.stride()), "store and pool layouts differ"
+                             and hs13.stride() == s13.stride() and hs2.stride() == s2.stride()
+                             ), "store and pool layouts differ"
     grid_m = min(plan.block_expert.numel(), plan.sorted_pairs.numel() // bm)
     meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP=FP8_GROUP, IS_FP8=is_fp8,
                 UPCAST=_UPCAST_BF16, ZERO_COPY=zero_copy, **cfg)
