@@ -90,3 +90,14 @@ def test_unsupported_models():
     g.quantization_config = {"quant_method": "awq"}
     with pytest.raises(ValueError, match="unsupported quantization 'awq'"):
         MoeGeometry.from_hf_config(g, torch.bfloat16, "awq")
+
+
+def test_zero_copy_decode_keeps_prefill_out_of_full_graphs():
+    from vllm.config.compilation import CUDAGraphMode
+
+    from vllm_moe_offload.hooks import _require_eager_mixed_batches
+    for ok in (None, CUDAGraphMode.FULL_AND_PIECEWISE, CUDAGraphMode.FULL_DECODE_ONLY,
+               CUDAGraphMode.PIECEWISE, CUDAGraphMode.NONE):
+        _require_eager_mixed_batches(types.SimpleNamespace(cudagraph_mode=ok))
+    with pytest.raises(ValueError, match="use FULL_AND_PIECEWISE"):
+        _require_eager_mixed_batches(types.SimpleNamespace(cudagraph_mode=CUDAGraphMode.FULL))
