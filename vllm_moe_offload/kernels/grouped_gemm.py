@@ -74,27 +74,27 @@ def pick_config(num_pairs: int, weight_bytes: int, device_name: str = "") -> dic
 
 
 @triton.jit
-def _block_expert_slot(pid_m, block_expert_ptr, num_padded_ptr, slot_map_ptr,
-                       BLOCK_M: tl.constexpr):
-    """Block pid_m's expert (-1 past the padded end) and its slot (-1: not in this pass)."""
+def _block_source(pid_m, block_expert_ptr, num_padded_ptr, slot_map_ptr, w_ptr, s_ptr,
+                  hw_ptr, hs_ptr, stride_ws, stride_ss, BLOCK_M: tl.constexpr,
+                  ZERO_COPY: tl.constexpr):
+    """(skip, weights base, scales base) of block pid_m. Skipped: past the padded end, or
+    (without zero-copy) an expert outside this pass. The base is the expert's slot in the
+    pool, or (zero-copy, no slot) its record in the pinned host store, read through the UVA
+    mapping; the two share one record layout, hence the strides."""
     in_range = pid_m * BLOCK_M < tl.load(num_padded_ptr)
-    expert = tl.load(block_expert_ptr + pid_m, mask=in_range, other=-1)
-    slot = tl.load(slot_map_ptr + expert, mask=expert >= 0, other=-1)
-    return expert.to(tl.int64), slot.to(tl.int64)
-
-
-@triton.jit
-def _expert_base(slot, expert, w_ptr, s_ptr, hw_ptr, hs_ptr, stride_ws, stride_ss):
-    """Where the expert's weights and scales start: its slot in the pool, or (zero-copy, no
-    slot) its record in the pinned host store, read through the UVA mapping; the two share
-    one record layout, hence the strides."""
+    expert = tl.load(block_expert_ptr + pid_m, mask=in_range, other=-1).to(tl.int64)
+    slot = tl.load(slot_map_ptr + expert, mask=expert >= 0, other=-1).to(tl.int64)
+    if ZERO_COPY:
+        skip = expert < 0
+    else:
+        skip = slot < 0  # -1 past the end too
     if slot >= 0:
         w = w_ptr + slot * stride_ws
         s = s_ptr + slot * stride_ss
     else:
         w = hw_ptr + expert * stride_ws
         s = hs_ptr + expert * stride_ss
-    return w, s
+    return skip, w, s
 
 
 @triton.jit
@@ -112,15 +112,11 @@ def _w13_silu_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    expert, slot = _block_expert_slot(pid_m, block_expert_ptr, num_padded_ptr, slot_map_ptr,
-                                      BLOCK_M)
-    if expert < 0:  # past the padded end
+    skip, w_base, s_base = _block_source(pid_m, block_expert_ptr, num_padded_ptr, slot_map_ptr,
+                                         w13_ptr, s13_ptr, hw13_ptr, hs13_ptr, stride_ws, stride_ss,
+                                         BLOCK_M, ZERO_COPY)
+    if skip:
         return
-    if not ZERO_COPY:
-        if slot < 0:  # an expert outside this pass
-            return
-    w_base, s_base = _expert_base(slot, expert, w13_ptr, s13_ptr, hw13_ptr, hs13_ptr,
-                                  stride_ws, stride_ss)
     pair = tl.load(sorted_pairs_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
     row_ok = pair < num_pairs
     token = tl.where(row_ok, pair // top_k, 0).to(tl.int64)
@@ -173,15 +169,11 @@ def _w2_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    expert, slot = _block_expert_slot(pid_m, block_expert_ptr, num_padded_ptr, slot_map_ptr,
-                                      BLOCK_M)
-    if expert < 0:  # past the padded end
+    skip, w_base, s_base = _block_source(pid_m, block_expert_ptr, num_padded_ptr, slot_map_ptr,
+                                         w2_ptr, s2_ptr, hw2_ptr, hs2_ptr, stride_ws, stride_ss,
+                                         BLOCK_M, ZERO_COPY)
+    if skip:
         return
-    if not ZERO_COPY:
-        if slot < 0:  # an expert outside this pass
-            return
-    w_base, s_base = _expert_base(slot, expert, w2_ptr, s2_ptr, hw2_ptr, hs2_ptr,
-                                  stride_ws, stride_ss)
     pair = tl.load(sorted_pairs_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
     row_ok = pair < num_pairs
     safe_pair = tl.where(row_ok, pair, 0).to(tl.int64)
