@@ -11,11 +11,12 @@ from vllm_moe_offload.store import ExpertLayout, ExpertStore
 LAYOUT = ExpertLayout(hidden=32, inter=16, weight_dtype=torch.bfloat16)
 
 
-def make_cache(num_slots: int, num_layers: int = 2, num_experts: int = 8) -> ExpertCache:
+def make_cache(num_slots: int, num_layers: int = 2, num_experts: int = 8,
+               graph_decode: bool = False) -> ExpertCache:
     store = ExpertStore(LAYOUT, num_layers, num_experts, pin=False)
     for records in store.records:  # every record distinct, to check what a slot holds
         records.copy_(torch.randint(0, 256, records.shape, dtype=torch.uint8))
-    return ExpertCache(store, num_slots, "lru", device="cpu")
+    return ExpertCache(store, num_slots, "lru", device="cpu", graph_decode=graph_decode)
 
 
 def assert_slots_consistent(cache: ExpertCache) -> None:
@@ -154,8 +155,8 @@ def test_preloaded_layers_hold_every_expert_and_count_lookups_as_hits():
 
 
 def test_device_maps_follow_residency_once_published():
-    cache = make_cache(num_slots=6, num_layers=2, num_experts=8)  # 3 slots per layer
-    cache.preload()
+    cache = make_cache(num_slots=6, num_layers=2, num_experts=8, graph_decode=True)
+    cache.preload()  # 3 slots per layer
     assert cache.layer_maps.tolist() == [[-1] * 8, [-1] * 8]
     for group in cache.schedule(0, [1, 2, 3]):
         cache.fetch(0, group)
@@ -172,6 +173,15 @@ def test_device_maps_follow_residency_once_published():
     snap = cache.snapshot()
     assert snap.misses - cache.stats.misses == 1 and snap.hits - cache.stats.hits == 1
     assert snap.bytes_h2d - cache.stats.bytes_h2d == cache.slot_bytes
+
+
+def test_without_graph_decode_a_synced_step_uploads_no_map():
+    cache = make_cache(num_slots=6, num_layers=2, num_experts=8)
+    cache.preload()
+    for group in cache.schedule(0, [1, 2]):
+        cache.fetch(0, group)
+    cache.publish_map(0)  # nothing reads it: the hot path skips the upload
+    assert cache.layer_maps[0].tolist() == [-1] * 8
 
 
 def test_a_pass_that_fits_beside_the_resident_one_is_fetched_first():

@@ -16,7 +16,7 @@ E, K = 8, 2
 def make_cache() -> ExpertCache:
     store = ExpertStore(LAYOUT, num_layers=1, num_experts=E, pin=False)
     store.fill_random(seed=1)
-    cache = ExpertCache(store, num_slots=4, policy="lfu", device="cpu")
+    cache = ExpertCache(store, num_slots=4, policy="lfu", device="cpu", graph_decode=True)
     cache.preload()
     return cache
 

@@ -39,7 +39,9 @@ def layer_quotas(num_slots: int, num_layers: int, num_experts: int) -> list[int]
 
 class ExpertCache:
     def __init__(self, store: ExpertStore, num_slots: int, policy: str = "lru",
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", graph_decode: bool = False):
+        """graph_decode: decode steps of fetching layers run as graph steps (zero-copy), which
+        read the maps `publish_map` uploads; without it only preloaded layers read theirs."""
         if policy not in POLICIES:
             raise ValueError(f"expert offload: unknown policy {policy!r}; choose one of "
                              f"{', '.join(POLICIES)}")
@@ -71,6 +73,7 @@ class ExpertCache:
                                      pin_memory=self.transfers.is_cuda)
         self.layer_maps = self._maps_host.to(device, copy=True)
         self._maps_dirty = [False] * store.num_layers
+        self.graph_decode = graph_decode
         self.stats = OffloadStats()
         self.routing = RoutingCounters(store.num_layers, store.num_experts,
                                        pin=self.transfers.is_cuda)
@@ -220,7 +223,7 @@ class ExpertCache:
             self.stats.preloaded += len(experts)
         self.transfers.synchronize()
         for layer in range(len(self.quotas)):
-            self.publish_map(layer)
+            self._upload_map(layer)
         self.transfers.synchronize_compute()
         self._preloaded = True
 
@@ -229,7 +232,11 @@ class ExpertCache:
         the compute stream: call after the compute stream has waited for the copies it
         describes (a host-synced step's end). Its pinned row is rewritten only after a later
         host sync (this layer's step, or the previous layer's prefetch), when this upload has
-        completed."""
+        completed. Without graph decode nothing reads these maps: no upload."""
+        if self.graph_decode:
+            self._upload_map(layer)
+
+    def _upload_map(self, layer: int) -> None:
         if self._maps_dirty[layer]:
             self.layer_maps[layer].copy_(self._maps_host[layer], non_blocking=True)
             self._maps_dirty[layer] = False

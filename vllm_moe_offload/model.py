@@ -62,7 +62,8 @@ class Qwen3MoeOffloadForCausalLM(compat.UpstreamQwen3Moe):
         store = ExpertStore(geometry.layout, geometry.num_moe_layers, geometry.num_experts,
                             limit_bytes=pinned_limit_bytes(offload))
         cache = ExpertCache(store, plan.num_slots, offload.policy,
-                            device=vllm_config.device_config.device)
+                            device=vllm_config.device_config.device,
+                            graph_decode=offload.decode == "zero-copy")
         logger.info("expert offload: %s of experts in %s host memory; cache %s",
                     format_bytes(store.nbytes), "pinned" if store.pin else "pageable",
                     plan.describe(geometry))
