@@ -12,6 +12,7 @@ usage: python benchmarks/planner_check.py --kernels benchmarks/results/kernels.j
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from vllm_moe_offload.plan_cli import model_geometry
@@ -36,8 +37,7 @@ def main() -> None:
     rest = {n: stock[s]["tpot_ms_p50"] / layers - profile.gemm_time_ms(n)
             for s, n in (("lat", 1), ("thr", 64))}
     per_seq = (rest[64] - rest[1]) / 63
-    profile = HardwareProfile(profile.device, profile.h2d_gbps, gemm_ms,
-                              layer_overhead_ms=rest[1] - per_seq, attention_ms_per_seq=per_seq)
+    profile = replace(profile, layer_overhead_ms=rest[1] - per_seq, attention_ms_per_seq=per_seq)
     rows = []
     for measured in offload["rows"]:
         if measured["scenario"] not in ("lat", "thr"):
