@@ -13,6 +13,8 @@ Each run writes one JSON; benchmarks/e2e_report.py merges runs into the table, J
 """
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import random
@@ -25,24 +27,28 @@ import torch
 
 from vllm_moe_offload.checkpoint import PRESETS, hf_config
 from vllm_moe_offload.geometry import MoeGeometry
+from vllm_moe_offload.profiler import measure_h2d_gbps
 
 SCENARIOS = {"lat": (1, 128, 256), "thr": (64, 128, 256), "ttft": (16, 2048, 16)}
 GIB = 1 << 30
 
 
-def h2d_bandwidth(record_bytes: int) -> float:
-    """Pinned host->device copies of expert records, bytes per second (best of 3)."""
-    src = torch.empty(64, record_bytes, dtype=torch.uint8).pin_memory()
-    dst = torch.empty_like(src, device="cuda")
-    best = 0.0
-    for _ in range(3):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for i in range(64):
-            dst[i].copy_(src[i], non_blocking=True)
-        torch.cuda.synchronize()
-        best = max(best, src.numel() / (time.perf_counter() - t0))
-    return best
+def measure_alone(barrier: str | None, system: str, timeout_s: float = 420.0):
+    """Engines that start side by side (to share the minutes of start-up) measure one at a
+    time, and only once all have started: `barrier` is DIR:N. Each engine marks itself ready
+    in DIR, waits for N marks (or `timeout_s`, when another failed to start), then holds an
+    exclusive lock on DIR while it measures, so neither PCIe nor the GPU is shared."""
+    if not barrier:
+        return contextlib.nullcontext()
+    folder, count = barrier.rsplit(":", 1)
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / f"{system}.ready").touch()
+    deadline = time.time() + timeout_s
+    while len(list(Path(folder).glob("*.ready"))) < int(count) and time.time() < deadline:
+        time.sleep(1)
+    lock = open(Path(folder) / "measure.lock", "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    return lock
 
 
 def parse_system(system: str) -> tuple[str, float | None, set[str]]:
@@ -58,11 +64,13 @@ def parse_system(system: str) -> tuple[str, float | None, set[str]]:
     return "stock", None, set()
 
 
-def engine_kwargs(system: str, model_dir: Path, expert_gib: float) -> dict:
+def engine_kwargs(system: str, model_dir: Path, expert_gib: float, engines: int = 1) -> dict:
+    """engines: how many start side by side on the card. The KV cache has a fixed size, so
+    gpu_memory_utilization only sets the free memory that vLLM checks for at start-up."""
     kind, share, extras = parse_system(system)
     kw = dict(model=str(model_dir), skip_tokenizer_init=True, load_format="dummy",
               max_model_len=4096, kv_cache_memory_bytes=8 << 30, max_num_seqs=256, seed=0,
-              disable_log_stats=False)
+              disable_log_stats=False, gpu_memory_utilization=0.9 / engines)
     if kind == "uva":  # exactly as baseline_reference.py
         kw.update(cpu_offload_gb=29.0 * (1 - share) * 0.93, cpu_offload_params={"experts"})
     elif kind == "offload":
@@ -103,9 +111,10 @@ def main() -> None:
     parser.add_argument("scenarios")
     parser.add_argument("--out", default=None)
     parser.add_argument("--preset", default="qwen3-30b-a3b-fp8")
+    parser.add_argument("--barrier", default=None, metavar="DIR:N",
+                        help="N engines start side by side and measure one at a time")
     args = parser.parse_args()
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+    from vllm import LLM
 
     config = hf_config(PRESETS[args.preset])
     model_dir = Path(os.environ.get("BENCH_MODEL_DIR", "/root/q3shape-offload"))
@@ -115,11 +124,56 @@ def main() -> None:
                                           "fp8" if "quantization_config" in config else None)
     expert_gib = geometry.total_experts * geometry.layout.record_bytes / GIB
     cuda = torch.cuda.is_available()
-    bw = h2d_bandwidth(geometry.layout.record_bytes) if cuda else 0.0
     t0 = time.time()
-    llm = LLM(**engine_kwargs(args.system, model_dir, expert_gib))
+    engines = int(args.barrier.rsplit(":", 1)[1]) if args.barrier else 1
+    llm = LLM(**engine_kwargs(args.system, model_dir, expert_gib, engines))
     load_s = time.time() - t0
-    free, total = torch.cuda.mem_get_info() if cuda else (0, 0)
+    result = dict(card=torch.cuda.get_device_name() if cuda else "cpu",
+                  date=time.strftime("%Y-%m-%d"), model=args.preset, rows=[])
+    try:
+        import vllm
+        result["vllm"] = vllm.__version__
+    except ImportError:
+        pass
+
+    def save(rows: list[dict]) -> None:  # after every scenario: a timeout keeps what ran
+        result["rows"] = rows
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=2))
+
+    with measure_alone(args.barrier, args.system):
+        bw = measure_h2d_gbps(geometry.layout.record_bytes, "cuda") * 1e9 if cuda else 0.0
+        result["bw_h2d_gbs"] = round(bw / 1e9, 1)
+        rows = run_scenarios(llm, args, config, geometry, load_s, save)
+    print(f"{result['card']}  bw_h2d {result['bw_h2d_gbs']} GB/s  engine start {load_s:.0f} s")
+    for r in rows:
+        print(f"{r['system']:>18} {r['scenario']:>5} {r['tok_s']:>9.1f} tok/s  "
+              f"ttft p50 {r['ttft_ms_p50']} ms  tpot p50 {r['tpot_ms_p50']} ms  "
+              f"hit {r.get('hit_rate', '-')}  PCIe GB/tok {r.get('pcie_gb_per_tok', '-')}  "
+              f"stall ms/step {r.get('stall_ms_per_step', '-')}")
+
+
+def engine_gpu_gib() -> float | None:
+    """GPU memory of this process and its engine's (NVML), not of engines started beside it;
+    None where NVML cannot see our processes (other PID namespace) or there is no GPU."""
+    if not torch.cuda.is_available():
+        return None
+    import psutil
+    from vllm.third_party import pynvml
+    pynvml.nvmlInit()
+    ours = {os.getpid()} | {c.pid for c in psutil.Process().children(recursive=True)}
+    handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+    used = [p.usedGpuMemory for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+            if p.pid in ours and p.usedGpuMemory]
+    return round(sum(used) / GIB, 2) if used else None
+
+
+def run_scenarios(llm, args, config: dict, geometry: MoeGeometry, load_s: float,
+                  save) -> list[dict]:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    used_gib = engine_gpu_gib()
     random.seed(0)
     rows = []
     for scen in args.scenarios.split(","):
@@ -142,28 +196,14 @@ def main() -> None:
                    n=n, prompt=plen, out=olen, tok_s=round(ntok / dt, 2), wall_s=round(dt, 2),
                    ttft_ms_p50=pct(ttft, 50), tpot_ms_p50=pct(tpot, 50),
                    tpot_ms_p99=pct(tpot, 99), load_s=round(load_s, 1),
-                   gpu_mem_used_gib=round((total - free) / GIB, 2),
+                   gpu_mem_used_gib=used_gib,
                    routing=os.environ.get("VLLM_MOE_ROUTING_SIMULATION_STRATEGY", "model"))
         if after:
             row.update(offload_row(before, after, ntok, geometry.num_moe_layers))
         rows.append(row)
         print("RESULT", json.dumps(row), flush=True)
-    result = dict(card=torch.cuda.get_device_name() if cuda else "cpu",
-                  date=time.strftime("%Y-%m-%d"), bw_h2d_gbs=round(bw / 1e9, 1),
-                  model=args.preset, rows=rows)
-    try:
-        import vllm
-        result["vllm"] = vllm.__version__
-    except ImportError:
-        pass
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"{result['card']}  bw_h2d {result['bw_h2d_gbs']} GB/s  engine start {load_s:.0f} s")
-    for r in rows:
-        print(f"{r['system']:>18} {r['scenario']:>5} {r['tok_s']:>9.1f} tok/s  "
-              f"ttft p50 {r['ttft_ms_p50']} ms  tpot p50 {r['tpot_ms_p50']} ms  "
-              f"hit {r.get('hit_rate', '-')}  PCIe GB/tok {r.get('pcie_gb_per_tok', '-')}  "
-              f"stall ms/step {r.get('stall_ms_per_step', '-')}")
+        save(rows)
+    return rows
 
 
 def offload_row(before: dict, after: dict, ntok: int, num_moe_layers: int) -> dict:

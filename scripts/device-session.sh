@@ -6,9 +6,12 @@
 #   stage   : nothing more                                              [call with kit part 1]
 #   bench   : tile-size tuning (kept in /root/tuned) + kernel benchmark
 #             vs vLLM fused_experts                                     [call with kit part 2]
-#   equality: GPU e2e tests (greedy equality with CUDA graphs)
-#   e2e "SYSTEMS" SCENARIOS : benchmarks/bench_e2e.py per system, uniform routing
-#             e.g. e2e "stock offload100" lat,thr,ttft                   [later calls]
+#   equality [K]: GPU e2e tests (greedy equality with CUDA graphs), pytest -k K
+#   fullsize: writes the full-size qwen3-30b-a3b-fp8 checkpoint to /root (once per lease) and
+#             runs its greedy-equality test (stock vs offload at 25%, engines side by side)
+#   e2e "SYSTEMS" SCENARIOS : benchmarks/bench_e2e.py per system, uniform routing; the engines
+#             start side by side and measure one at a time (--barrier); they must fit the card
+#             together, e.g. e2e "uva25 offload25+zerocopy" lat,thr,ttft   [later calls]
 #   serve   : `vllm serve --enable-expert-offload` answers a chat
 set -uo pipefail
 out=${OUT:-/tmp/out}; mkdir -p "$out"
@@ -33,13 +36,26 @@ bench)
   python3 benchmarks/bench_kernels.py --out "$out/kernels.json" 2>&1 | grep -v -i "warn\|INFO" | tail -10 ;;
 equality)
   with_vllm
-  timeout 500 env OUT="$out" bash scripts/device-foundation.sh equality "cuda_graphs or bf16" | tail -4 ;;
+  timeout 540 env OUT="$out" bash scripts/device-foundation.sh equality "${2:-cuda_graphs or bf16}" | tail -4 ;;
+fullsize)
+  with_vllm
+  model=/root/qwen3-30b-a3b-fp8
+  [ -f "$model/model.safetensors.index.json" ] || \
+    python3 -m vllm_moe_offload make-model "$model" --preset qwen3-30b-a3b-fp8 2>&1 | tail -1
+  python3 -m pip install -q --no-index --find-links .devicekit/wheels pytest 2>/dev/null
+  MOE_OFFLOAD_FULL_SIZE_MODEL=$model timeout 520 python3 -m pytest -q -rs -p no:cacheprovider \
+    --basetemp=/root/fullsize tests/e2e/test_full_size.py 2>&1 | tee "$out/pytest-fullsize.log" | tail -12
+  for run in stock offload; do cp /root/fullsize/test_*/$run/run_llm-0.out.json "$out/fullsize-$run.json"; done ;;
 e2e)
   with_vllm
-  for system in $2; do
+  systems=($2); barrier=/tmp/e2e-barrier-$$:${#systems[@]}
+  for system in "${systems[@]}"; do
     VLLM_MOE_ROUTING_SIMULATION_STRATEGY=uniform_random python3 benchmarks/bench_e2e.py \
-      "$system" "$3" --out "$out/e2e-$system.json" > "$out/e2e-$system.log" 2>&1
-    echo "== $system: exit $?"; grep -E "RESULT|Error|error:" "$out/e2e-$system.log" | cut -c1-400 | tail -6
+      "$system" "$3" --barrier "$barrier" --out "$out/e2e-$system.json" > "$out/e2e-$system.log" 2>&1 &
+  done
+  wait
+  for system in "${systems[@]}"; do
+    echo "== $system"; grep -E "RESULT|Error|error:|engine start" "$out/e2e-$system.log" | cut -c1-400 | tail -6
   done ;;
 serve)
   with_vllm

@@ -23,8 +23,8 @@ def main() -> None:
     model, inp, out = sys.argv[1:4]
     additional = json.loads(sys.argv[4]) if len(sys.argv) > 4 else {}
     spec = json.load(open(inp))
-    llm = LLM(model=model, dtype="bfloat16", max_model_len=512, gpu_memory_utilization=0.3,
-              seed=0, additional_config=additional, **spec.get("llm_kwargs", {}))
+    kwargs = dict(dtype="bfloat16", max_model_len=512, gpu_memory_utilization=0.3, seed=0)
+    llm = LLM(model=model, additional_config=additional, **kwargs | spec.get("llm_kwargs", {}))
     params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"],
                             logprobs=spec["logprobs"], ignore_eos=True)
     outputs = llm.generate(spec["prompts"], params)
