@@ -51,11 +51,11 @@ e2e)
   systems=($2); barrier=/tmp/e2e-barrier-$$:${#systems[@]}
   for system in "${systems[@]}"; do
     VLLM_MOE_ROUTING_SIMULATION_STRATEGY=uniform_random python3 benchmarks/bench_e2e.py \
-      "$system" "$3" --barrier "$barrier" --out "$out/e2e-$system.json" > "$out/e2e-$system.log" 2>&1 &
+      "$system" "$3" --barrier "$barrier" --out "$out/e2e-${system//+/_}.json" > "$out/e2e-${system//+/_}.log" 2>&1 &
   done
   wait
   for system in "${systems[@]}"; do
-    echo "== $system"; grep -E "RESULT|Error|error:|engine start" "$out/e2e-$system.log" | cut -c1-400 | tail -6
+    echo "== $system"; grep -E "RESULT|Error|error:|engine start" "$out/e2e-${system//+/_}.log" | cut -c1-400 | tail -6
   done ;;
 serve)
   with_vllm

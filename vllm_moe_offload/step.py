@@ -60,7 +60,8 @@ def graph_step(cache: ExpertCache, layer: int, hidden: torch.Tensor,
     with a slot (the layer's device map) are read from it, the others straight from the
     pinned host store (zero-copy); routing, lookups and misses are counted on the device."""
     run = kernels.begin(hidden, topk_weights, topk_ids, cache.weights,
-                        cache.store.layout.block, cache.store.num_experts)
+                        cache.store.layout.block, cache.store.num_experts,
+                        zero_copy=not cache.is_resident(layer))
     experts, slots, slot_map = cache.device_map(layer)
     kernels.run_pass(run, cache.weights, experts, slots, slot_map, cache.store.views[layer])
     kernels.finish(run, out)

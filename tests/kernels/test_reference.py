@@ -94,6 +94,8 @@ def test_route_breaks_ties_towards_lower_ids():
 
 
 def test_route_honours_vllm_routing_simulation(monkeypatch):
+    pytest.importorskip("vllm", reason="the simulator is vLLM's (the device's kernel step "
+                                        "runs before vLLM is staged)")
     from vllm_moe_offload import kernels
     logits = torch.zeros(200, 16)
     logits[:, 0] = 50.0  # the model's router always picks expert 0

@@ -50,12 +50,14 @@ class ReferenceStep:
     acc: torch.Tensor  # [T, H] fp32
 
 
-def begin(hidden, topk_weights, topk_ids, weights, block, num_experts):
+def begin(hidden, topk_weights, topk_ids, weights, block, num_experts, zero_copy=False):
     """Prepares a layer step (on CUDA: groups its pairs by expert and quantises the
-    activations, on the device, without a sync); its passes follow with `run_pass`."""
+    activations, on the device, without a sync); its passes follow with `run_pass`.
+    zero_copy: its pass will read missing experts from host memory (picks tiles for that)."""
     if hidden.is_cuda:
         from vllm_moe_offload.kernels.grouped_gemm import plan_step
-        return plan_step(hidden, topk_weights, topk_ids, weights, block, num_experts)
+        return plan_step(hidden, topk_weights, topk_ids, weights, block, num_experts,
+                         zero_copy=zero_copy)
     acc = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
     return ReferenceStep(hidden, topk_weights, topk_ids, block, acc)
 

@@ -22,6 +22,7 @@ Dimensions: T tokens, K top-k, P = T*K pairs, E experts, H hidden, I intermediat
 
 import functools
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,30 +40,43 @@ _UPCAST_BF16 = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 _CONFIG_DIR = Path(__file__).with_name("configs")
+logger = logging.getLogger("vllm.moe_offload")  # vLLM formats and prints its children
 
 
 @functools.cache
-def _tuned_configs(device_name: str, weight_bytes: int) -> list[tuple[int, dict]]:
-    """(max pairs, config) rows from configs/<device>,w<bytes>.json, written by
-    benchmarks/tune_grouped_gemm.py; empty when this device was never tuned."""
-    path = _CONFIG_DIR / f"{device_name.replace(' ', '_')},w{weight_bytes}.json"
+def _tuned_configs(device_name: str, capability: tuple[int, int], weight_bytes: int,
+                   host: bool) -> list[tuple[int, dict]]:
+    """(max pairs, config) rows from configs/<device>,w<bytes>[,host].json, written by
+    benchmarks/tune_grouped_gemm.py (`,host`: passes reading missing experts from pinned host
+    memory, zero-copy, where PCIe latency and not HBM sets the best tiles). A device never
+    tuned takes the table of a tuned one of the same compute capability (an H200 the
+    H100's: same SMs, other memory); empty when there is none."""
+    suffix = f",w{weight_bytes}{',host' if host else ''}.json"
+    path = _CONFIG_DIR / (device_name.replace(" ", "_") + suffix)
     if not path.exists():
-        return []
+        same_arch = [f for f in sorted(_CONFIG_DIR.glob("*" + suffix))
+                     if tuple(json.loads(f.read_text()).get("capability", ())) == capability]
+        if not same_arch:
+            return []
+        path = same_arch[0]
+        logger.info("grouped GEMM: no tiles tuned on %s; using %s (same architecture); "
+                    "python benchmarks/tune_grouped_gemm.py tunes them", device_name, path.name)
     table = json.loads(path.read_text())["configs"]
     return sorted((int(pairs), cfg) for pairs, cfg in table.items())
 
 
 @functools.cache
-def _device_name(index: int | None) -> str:
-    """Queried once per device, not on every layer step."""
-    return torch.cuda.get_device_name(index)
+def _device(index: int | None) -> tuple[str, tuple[int, int]]:
+    """Name and compute capability, queried once per device, not on every layer step."""
+    return torch.cuda.get_device_name(index), torch.cuda.get_device_capability(index)
 
 
-def pick_config(num_pairs: int, weight_bytes: int, device_name: str = "") -> dict:
+def pick_config(num_pairs: int, weight_bytes: int,
+                device: tuple[str, tuple[int, int]] = ("", (0, 0)), host: bool = False) -> dict:
     """Tile sizes for a pass over `num_pairs` pairs: the tuned row for the smallest tuned size
-    at or above it, else a heuristic. Two-byte weights take BLOCK_K=64 so kernel 1's three
-    tiles x 3 stages fit in shared memory."""
-    for max_pairs, cfg in _tuned_configs(device_name, weight_bytes):
+    at or above it (host: the zero-copy table), else a heuristic. Two-byte weights take
+    BLOCK_K=64 so kernel 1's three tiles x 3 stages fit in shared memory."""
+    for max_pairs, cfg in _tuned_configs(*device, weight_bytes, host):
         if num_pairs <= max_pairs:
             return dict(cfg)
     bk = 128 if weight_bytes == 1 else 64
@@ -275,17 +289,18 @@ class StepPlan:
 def plan_step(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
               weights: dict[str, torch.Tensor], block: tuple[int, int] | None,
               num_experts: int, y: torch.Tensor | None = None,
-              config: dict | None = None) -> StepPlan:
+              config: dict | None = None, zero_copy: bool = False) -> StepPlan:
     """hidden [T, H]; topk_weights, topk_ids [T, K]; weights: typed slot views (for the shape
     and dtype); y: the output rows [P, H] if the caller keeps them, else allocated;
-    config: tile sizes (BLOCK_M/N/K, num_warps, num_stages) instead of `pick_config`'s."""
+    config: tile sizes (BLOCK_M/N/K, num_warps, num_stages) instead of `pick_config`'s;
+    zero_copy: the step's pass reads missing experts from host memory (tiles tuned for it)."""
     t, h = hidden.shape
     k = topk_ids.shape[1]
     w13, w2 = weights["w13"], weights["w2"]
     inter = w2.shape[2]
     is_fp8 = block is not None
-    cfg = dict(config) if config else pick_config(
-        t * k, w13.element_size(), _device_name(hidden.device.index) if hidden.is_cuda else "")
+    device = _device(hidden.device.index) if hidden.is_cuda else ("", (0, 0))
+    cfg = dict(config) if config else pick_config(t * k, w13.element_size(), device, zero_copy)
     assert w13.stride(2) == 1 and w2.stride(2) == 1, "weights need unit stride along K"
     assert h % cfg["BLOCK_K"] == 0 and inter % cfg["BLOCK_K"] == 0, (h, inter, cfg)
     assert not is_fp8 or (tuple(block) == (FP8_GROUP, FP8_GROUP)
