@@ -86,6 +86,9 @@ class ExpertCache:
         """expert -> slot for `layer` (a copy)."""
         return dict(self._slot_of[layer])
 
+    def free_slots(self, layer: int) -> int:
+        return len(self._free[layer])
+
     def schedule(self, layer: int, experts: list[int]) -> list[list[int]]:
         """Called once per layer step with all its experts, after the step's host sync:
         resolves that layer's prefetches, tells the policy, and splits the experts into

@@ -6,13 +6,20 @@ the table follows drifting traffic. For a batch routed at layer l, a token's cha
 at l+1 is estimated as min(1, sum_k P(b | a_k)) with P(b | a) = transitions[a, b] / row sum,
 and the batch uses b unless every token misses it. Experts whose chance reaches `threshold`
 are predicted, most likely first, at most `max_experts` of them; below the threshold a guess
-is not worth the slot it would take.
+is not worth the slot it would take. Given what layer l+1 holds, a guess must also beat, by
+`margin`, the chance of the resident expert it would displace (the least likely ones first;
+free slots displace nothing): where the batch uses nearly every expert (big batches, uniform
+routing) a prefetch would only swap one used expert for another and cost its bytes.
 
 Example:
     prefetcher = CorrelationPrefetcher(num_layers=48, num_experts=128)
     prefetcher.observe(layer, ids)              # ids: [T, K] routed experts at `layer`
-    cache.prefetch(layer + 1, prefetcher.predict(layer, ids, max_experts=quota))
+    cache.prefetch(layer + 1, prefetcher.predict(layer, ids, max_experts=quota,
+                                                 resident=cache.resident(layer + 1),
+                                                 free_slots=cache.free_slots(layer + 1)))
 """
+
+from collections.abc import Collection
 
 import numpy as np
 
@@ -21,10 +28,11 @@ _PRIOR = 1e-3  # added to every transition count when predicting (not decayed wi
 
 class CorrelationPrefetcher:
     def __init__(self, num_layers: int, num_experts: int, decay: float = 0.999,
-                 threshold: float = 0.5):
+                 threshold: float = 0.5, margin: float = 0.25):
         self.num_experts = num_experts
         self.decay = decay
         self.threshold = threshold
+        self.margin = margin
         # [L-1, E, E] decayed transition counts
         self.transitions = np.zeros((max(num_layers - 1, 0), num_experts, num_experts))
         self._previous: tuple[int, np.ndarray] | None = None  # (layer, ids [T, K])
@@ -42,8 +50,11 @@ class CorrelationPrefetcher:
             np.add.at(table, (src, dst), 1.0)
         self._previous = (layer, np.asarray(ids))
 
-    def predict(self, layer: int, ids: np.ndarray, max_experts: int) -> list[int]:
-        """Experts layer+1 is likely to route to, given layer `layer`'s routing [T, K]."""
+    def predict(self, layer: int, ids: np.ndarray, max_experts: int,
+                resident: Collection[int] | None = None, free_slots: int = 0) -> list[int]:
+        """Experts layer+1 is likely to route to, given layer `layer`'s routing [T, K]. With
+        `resident` (the experts layer+1 holds; `free_slots` more fit without eviction) only
+        those not resident whose chance beats the displaced expert's by `margin`."""
         if layer >= len(self.transitions) or max_experts <= 0:
             return []
         table = self.transitions[layer] + _PRIOR  # the prior: no row divides by zero, ever
@@ -51,5 +62,18 @@ class CorrelationPrefetcher:
         per_token = np.minimum(1.0, probs[ids].sum(axis=1))  # [T, E]
         used = 1.0 - np.prod(1.0 - per_token, axis=0)  # [E] chance the batch uses b
         order = np.argsort(-used, kind="stable")
-        chosen = [int(b) for b in order[:max_experts] if used[b] >= self.threshold]
-        return chosen
+        chosen = [int(b) for b in order if used[b] >= self.threshold]
+        if resident is None:
+            return chosen[:max_experts]
+        held = set(resident)
+        displaced = sorted(used[list(held)]) if held else []  # least likely first
+        kept = []
+        for b in (b for b in chosen if b not in held):
+            if len(kept) >= max_experts:
+                break
+            victim = len(kept) - free_slots
+            if victim >= 0 and (victim >= len(displaced)
+                                or used[b] < displaced[victim] + self.margin):
+                break
+            kept.append(b)
+        return kept

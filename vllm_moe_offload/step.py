@@ -72,5 +72,7 @@ def _prefetch_next(cache: ExpertCache, layer: int, prefetcher: CorrelationPrefet
                    ids_host: np.ndarray) -> None:
     """Learns this layer's transition and loads the next MoE layer's likely experts."""
     prefetcher.observe(layer, ids_host)
-    if layer + 1 < len(cache.quotas):
-        cache.prefetch(layer + 1, prefetcher.predict(layer, ids_host, cache.quotas[layer + 1]))
+    nxt = layer + 1
+    if nxt < len(cache.quotas):
+        cache.prefetch(nxt, prefetcher.predict(layer, ids_host, cache.quotas[nxt],
+                                               cache.resident(nxt), cache.free_slots(nxt)))
