@@ -3,6 +3,8 @@
 # one call per group of end-to-end runs. Each step writes its logs and results to $OUT
 # (at most 8 files come back per call).
 #   kernels : GPU kernel tests at real shapes (no vLLM needed)          [call with kit part 0]
+#   tune-host: tiles for zero-copy passes (tune_grouped_gemm.py --host; no vLLM needed: the
+#             torch grouping stands in), kept in /root/tuned               [call with kit part 0]
 #   stage   : nothing more                                              [call with kit part 1]
 #   bench   : tile-size tuning (kept in /root/tuned) + kernel benchmark
 #             vs vLLM fused_experts                                     [call with kit part 2]
@@ -27,6 +29,10 @@ case "$1" in
 kernels)
   python3 -m pip install -q --no-index --find-links .devicekit/wheels pytest 2>/dev/null
   python3 -m pytest -q -p no:cacheprovider tests/kernels 2>&1 | tee "$out/pytest-kernels.log" | tail -3 ;;
+tune-host)
+  python3 benchmarks/tune_grouped_gemm.py --host 2>&1 | grep -v -i warn | tee "$out/tune-host.log" | tail -8
+  mkdir -p /root/tuned && cp vllm_moe_offload/kernels/configs/*,host.json /root/tuned/
+  cp /root/tuned/*,host.json "$out/tuned-host.json" ;;
 stage) ;;
 bench)
   with_vllm  # the tuner needs vLLM's grouping and quantiser: they are part of the step it times
