@@ -51,7 +51,8 @@ fullsize)
   python3 -m pip install -q --no-index --find-links .devicekit/wheels pytest 2>/dev/null
   MOE_OFFLOAD_FULL_SIZE_MODEL=$model timeout 520 python3 -m pytest -q -rs -p no:cacheprovider \
     --basetemp=/root/fullsize tests/e2e/test_full_size.py 2>&1 | tee "$out/pytest-fullsize.log" | tail -12
-  for run in stock offload; do cp /root/fullsize/test_*/$run/run_llm-0.out.json "$out/fullsize-$run.json"; done ;;
+  find /root/fullsize -name "run_llm-*.out.json" | while read -r f; do
+    cp "$f" "$out/fullsize-$(basename "$(dirname "$f")").json"; done ;;
 e2e)
   with_vllm
   systems=($2); barrier=/tmp/e2e-barrier-$$:${#systems[@]}
