@@ -5,7 +5,7 @@ import torch
 
 from tests.test_cache import LAYOUT, assert_slots_consistent
 from vllm_moe_offload.cache import ExpertCache
-from vllm_moe_offload.policies import CooccurrencePolicy, LFUPolicy
+from vllm_moe_offload.policies import CooccurrencePolicy, LFUPolicy, LRUPolicy
 from vllm_moe_offload.prefetch import CorrelationPrefetcher
 from vllm_moe_offload.store import ExpertStore
 
@@ -124,3 +124,16 @@ def test_no_prefetch_where_a_big_batch_uses_every_expert():
     ids = np.stack([rng.permutation(128)[:8] for _ in range(64)])
     assert len(prefetcher.predict(0, ids, 32)) == 32  # confident guesses, all of them
     assert prefetcher.predict(0, ids, 32, resident=range(32), free_slots=0) == []
+
+
+def test_policies_take_summed_uses_of_unseen_steps():
+    lru = LRUPolicy(8)
+    for e in (0, 1, 2, 3):
+        lru.insert(e)
+    lru.observe_counts(np.array([3, 0, 1, 0, 5, 0, 0, 0]), steps=4)  # 4 is not resident
+    assert lru.candidates(set()) == [1, 3, 2, 0]  # unused first, the most used last
+    lfu = LFUPolicy(8, decay=0.5)
+    lfu.observe([0])
+    lfu.observe_counts(np.array([0, 2, 0, 0, 0, 0, 0, 0]), steps=2)
+    # expert 0: 1 x 0.5^2; expert 1: 2 uses x mean weight (1 - 0.25) / (2 x 0.5)
+    np.testing.assert_allclose(lfu._score[:2], [0.25, 1.5])

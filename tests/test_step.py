@@ -43,3 +43,25 @@ def test_graph_step_equals_synced_step():
     snap = graph.snapshot()
     assert snap.host_syncs == 5 and snap.layer_steps == 10
     assert snap.hits + snap.misses == 2 * int(counted.device_lookups.sum())
+
+
+def test_decode_in_graphs_informs_the_next_eviction():
+    """Zero-copy decode steps bring no routing to the host; the counts the device kept are
+    folded into the policy at the layer's next host-synced step, so what decode used last is
+    evicted last (LRU here: without the fold the victim would be expert 1)."""
+    store = ExpertStore(LAYOUT, num_layers=1, num_experts=E, pin=False)
+    store.fill_random(seed=1)
+    cache = ExpertCache(store, num_slots=4, policy="lru", device="cpu", graph_decode=True)
+    cache.preload()
+
+    def run(layer_step, ids):
+        ids = torch.tensor(ids, dtype=torch.int32)
+        hidden = torch.randn(ids.shape[0], LAYOUT.hidden).bfloat16()
+        weights = torch.full(ids.shape, 1.0 / K)
+        layer_step(cache, 0, hidden, weights, ids, torch.empty_like(hidden))
+
+    run(step.synced_step, [[0, 1], [2, 3]])  # loads 0, 1, 2, 3 (LRU order)
+    for _ in range(3):
+        run(step.graph_step, [[1, 0]])  # decode uses only 0 and 1
+    run(step.synced_step, [[4, 0]])  # 4 misses: the victim is the least recent of 2, 3
+    assert sorted(cache.resident(0)) == [0, 1, 3, 4]

@@ -23,6 +23,7 @@ Example:
 
 from dataclasses import replace
 
+import numpy as np
 import torch
 
 from vllm_moe_offload.policies import POLICIES
@@ -77,6 +78,9 @@ class ExpertCache:
         self.stats = OffloadStats()
         self.routing = RoutingCounters(store.num_layers, store.num_experts,
                                        pin=self.transfers.is_cuda)
+        # per layer: the device lookups and steps already told to the policy
+        self._graph_seen = [(np.zeros(store.num_experts, dtype=np.int64), 0)
+                            for _ in range(store.num_layers)]
 
     @property
     def slot_bytes(self) -> int:
@@ -96,6 +100,7 @@ class ExpertCache:
         used = self._prefetched[layer].intersection(experts)
         self.stats.prefetch_used += len(used)
         self._prefetched[layer].clear()
+        self._observe_graph_steps(layer)
         self._policy[layer].observe(experts)
         self._readers.clear()
         self.maps.new_step()
@@ -104,6 +109,16 @@ class ExpertCache:
         misses = [e for e in experts if e not in slot_of]
         q = self.quotas[layer]
         return ([hits] if hits else []) + [misses[i:i + q] for i in range(0, len(misses), q)]
+
+    def _observe_graph_steps(self, layer: int) -> None:
+        """Tells the policy what the layer's steps inside CUDA graphs (zero-copy decode) used
+        since its last host-synced step; the step's host sync has completed them."""
+        lookups = self.routing.device_lookups.numpy()[layer].copy()
+        steps = int(self.routing.device_steps.numpy()[layer])
+        seen_lookups, seen_steps = self._graph_seen[layer]
+        if steps > seen_steps:
+            self._policy[layer].observe_counts(lookups - seen_lookups, steps - seen_steps)
+            self._graph_seen[layer] = (lookups, steps)
 
     def fetch(self, layer: int, experts: list[int], keep: frozenset[int] = frozenset()
               ) -> list[int]:
