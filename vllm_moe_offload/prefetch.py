@@ -6,10 +6,11 @@ the table follows drifting traffic. For a batch routed at layer l, a token's cha
 at l+1 is estimated as min(1, sum_k P(b | a_k)) with P(b | a) = transitions[a, b] / row sum,
 and the batch uses b unless every token misses it. Experts whose chance reaches `threshold`
 are predicted, most likely first, at most `max_experts` of them; below the threshold a guess
-is not worth the slot it would take. Given what layer l+1 holds, a guess must also beat, by
-`margin`, the chance of the resident expert it would displace (the least likely ones first;
-free slots displace nothing): where the batch uses nearly every expert (big batches, uniform
-routing) a prefetch would only swap one used expert for another and cost its bytes.
+is not worth the slot it would take. Given what layer l+1 holds, the i-th guess must also
+beat, by `margin`, the chance of the i-th least likely resident (free slots displace
+nothing): where the batch uses nearly every expert (big batches, uniform routing) a prefetch
+would only swap one used expert for another and cost its bytes. This weighs a guess against
+the best victim; the cache's policy picks the actual one, which may be likelier.
 
 Example:
     prefetcher = CorrelationPrefetcher(num_layers=48, num_experts=128)
