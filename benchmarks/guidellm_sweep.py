@@ -37,11 +37,12 @@ from types import SimpleNamespace
 
 import requests
 import torch
-from bench_e2e import GIB, engine_kwargs, h2d_bandwidth
+from bench_e2e import GIB, engine_kwargs
 
 from vllm_moe_offload.checkpoint import PRESETS, hf_config, write_checkpoint
 from vllm_moe_offload.draft import write_draft
 from vllm_moe_offload.geometry import MoeGeometry
+from vllm_moe_offload.profiler import measure_h2d_gbps
 from vllm_moe_offload.server import free_port, running_server, serve_command
 from vllm_moe_offload.tokenizer import build_tokenizer
 
@@ -226,7 +227,7 @@ def metadata(model: Path, args) -> dict:
                 commit=commit, date=time.strftime("%Y-%m-%d"), model=args.model or model.name,
                 load_format=args.load_format or "auto",
                 routing=os.environ.get("VLLM_MOE_ROUTING_SIMULATION_STRATEGY", "model"),
-                bw_h2d_gbs=round(h2d_bandwidth(1 << 24) / 1e9, 1) if has_cuda else None)
+                bw_h2d_gbs=round(measure_h2d_gbps(1 << 24, "cuda"), 1) if has_cuda else None)
 
 
 def print_table(rows: list[dict]) -> None:
