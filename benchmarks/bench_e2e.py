@@ -8,7 +8,8 @@ usage (GPU machine, kit env; VLLM_MOE_ROUTING_SIMULATION_STRATEGY=uniform_random
 routing): python benchmarks/bench_e2e.py SYSTEM SCENARIOS [--out F.json] [--preset P]
   SYSTEM: stock | uvaNN | offloadNN[+prefetch][+zerocopy]   (NN: percent of the expert bytes
           held on the GPU; +zerocopy: --expert-decode zero-copy)
-  SCENARIOS: comma-separated lat,thr,ttft
+  SCENARIOS: comma-separated lat,thr,ttft or nN (N sequences of 128 -> 256 tokens: the
+             concurrency sweep the planner's --max-num-seqs is checked against)
 Each run writes one JSON; benchmarks/e2e_report.py merges runs into the table, JSON and plot.
 """
 
@@ -30,6 +31,15 @@ from vllm_moe_offload.geometry import MoeGeometry
 from vllm_moe_offload.profiler import measure_h2d_gbps
 
 SCENARIOS = {"lat": (1, 128, 256), "thr": (64, 128, 256), "ttft": (16, 2048, 16)}
+
+
+def scenario_shape(name: str) -> tuple[int, int, int]:
+    """(sequences, prompt tokens, output tokens) of a named scenario or of 'nN'."""
+    if name in SCENARIOS:
+        return SCENARIOS[name]
+    if name.startswith("n") and name[1:].isdigit() and int(name[1:]) > 0:
+        return int(name[1:]), 128, 256
+    raise SystemExit(f"unknown scenario {name!r}: lat, thr, ttft or nN (e.g. n16)")
 GIB = 1 << 30
 
 
@@ -177,7 +187,7 @@ def run_scenarios(llm, args, config: dict, geometry: MoeGeometry, load_s: float,
     random.seed(0)
     rows = []
     for scen in args.scenarios.split(","):
-        n, plen, olen = SCENARIOS[scen]
+        n, plen, olen = scenario_shape(scen)
         prompts = [TokensPrompt(prompt_token_ids=[random.randrange(1000, config["vocab_size"])
                                                   for _ in range(plen)]) for _ in range(n)]
         params = SamplingParams(max_tokens=olen, temperature=1.0, ignore_eos=True,

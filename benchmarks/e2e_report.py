@@ -17,6 +17,11 @@ from pathlib import Path
 ORDER = ["lat", "thr", "ttft"]
 
 
+def scenario_key(name: str) -> tuple[int, int]:
+    """lat, thr, ttft, then the concurrency sweep's nN by N."""
+    return (ORDER.index(name), 0) if name in ORDER else (len(ORDER), int(name[1:]))
+
+
 def merge(runs: list[dict]) -> dict:
     rows = [dict(r, bw_h2d_gbs=run["bw_h2d_gbs"]) for run in runs for r in run["rows"]]
     stock = {r["scenario"]: r for r in rows if r["system"] == "stock"}
@@ -32,7 +37,7 @@ def merge(runs: list[dict]) -> dict:
     return dict(card=first["card"], vllm=first.get("vllm"), commit=commit, date=first["date"],
                 model=first["model"], routing=rows[0]["routing"],
                 bw_h2d_gbs=sorted(run["bw_h2d_gbs"] for run in runs)[len(runs) // 2],
-                rows=sorted(rows, key=lambda r: (ORDER.index(r["scenario"]), r["system"])))
+                rows=sorted(rows, key=lambda r: (scenario_key(r["scenario"]), r["system"])))
 
 
 def table(report: dict) -> str:
@@ -58,7 +63,7 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     systems = sorted({r["system"] for r in report["rows"]})
-    scenarios = [s for s in ORDER if any(r["scenario"] == s for r in report["rows"])]
+    scenarios = sorted({r["scenario"] for r in report["rows"]}, key=scenario_key)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     width = 0.8 / len(systems)
     for i, system in enumerate(systems):

@@ -14,6 +14,7 @@
 #   e2e "SYSTEMS" SCENARIOS : benchmarks/bench_e2e.py per system, uniform routing; the engines
 #             start side by side and measure one at a time (--barrier); they must fit the card
 #             together, e.g. e2e "uva25 offload25+zerocopy" lat,thr,ttft   [later calls]
+#             or the concurrency sweep: e2e "offload25" n1,n4,n8,n16,n32,n64,n128
 #   serve   : `vllm serve --enable-expert-offload` answers a chat
 set -uo pipefail
 out=${OUT:-/tmp/out}; mkdir -p "$out"
