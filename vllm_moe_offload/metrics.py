@@ -124,11 +124,11 @@ class OffloadWorkerExtension:
         if cache is None:
             return None
         routing = cache.routing
+        graph_lookups, graph_misses, _ = routing.device_totals()
         return {**cache.snapshot().as_dict(), "num_slots": cache.num_slots,
                 "slot_bytes": cache.slot_bytes, "slots_per_layer": list(cache.quotas),
                 "store_bytes": cache.store.nbytes,
                 "routed_per_layer_expert": routing.routed.tolist(),
                 "steps_per_layer": routing.steps.tolist(),
-                "graph_lookups": routing.device_totals()[0],
-                "graph_misses": routing.device_totals()[1],
+                "graph_lookups": graph_lookups, "graph_misses": graph_misses,
                 "slots_in_use": cache.slots_in_use}
