@@ -45,11 +45,7 @@ def replay(trace: np.ndarray, spec: TraceSpec, policy: str, prefetch: str,
             for group in cache.schedule(layer, np.unique(ids).tolist()):
                 cache.fetch(layer, group)
             if prefetcher is not None:
-                prefetcher.observe(layer, ids)
-                if layer + 1 < layers:
-                    cache.prefetch(layer + 1, prefetcher.predict(
-                        layer, ids, slots_per_layer, cache.resident(layer + 1),
-                        cache.free_slots(layer + 1)))
+                prefetcher.prefetch_next(cache, layer, ids)
     st = cache.stats
     tokens = (steps - warmup) * batch
     return dict(policy=policy, prefetch=prefetch, slots_per_layer=slots_per_layer, batch=batch,

@@ -14,10 +14,7 @@ the best victim; the cache's policy picks the actual one, which may be likelier.
 
 Example:
     prefetcher = CorrelationPrefetcher(num_layers=48, num_experts=128)
-    prefetcher.observe(layer, ids)              # ids: [T, K] routed experts at `layer`
-    cache.prefetch(layer + 1, prefetcher.predict(layer, ids, max_experts=quota,
-                                                 resident=cache.resident(layer + 1),
-                                                 free_slots=cache.free_slots(layer + 1)))
+    prefetcher.prefetch_next(cache, layer, ids)  # ids: [T, K] routed experts at `layer`
 """
 
 from collections.abc import Collection
@@ -78,3 +75,12 @@ class CorrelationPrefetcher:
                 break
             kept.append(b)
         return kept
+
+    def prefetch_next(self, cache, layer: int, ids: np.ndarray) -> None:
+        """Learns layer `layer`'s transition from its routing [T, K] and loads the next
+        layer's likely experts into `cache` (an `ExpertCache`), weighed against its residents."""
+        self.observe(layer, ids)
+        nxt = layer + 1
+        if nxt < len(cache.quotas):
+            cache.prefetch(nxt, self.predict(layer, ids, cache.quotas[nxt],
+                                             cache.resident(nxt), cache.free_slots(nxt)))

@@ -48,7 +48,7 @@ def synced_step(cache: ExpertCache, layer: int, hidden: torch.Tensor,
     kernels.finish(run, out)
     cache.publish_map(layer)  # for graph steps: the compute stream has waited for its copies
     if prefetcher is not None:
-        _prefetch_next(cache, layer, prefetcher, ids_host)
+        prefetcher.prefetch_next(cache, layer, ids_host)
     stats.layer_steps += 1
     stats.passes += len(passes)
     stats.host_syncs += 1
@@ -67,12 +67,3 @@ def graph_step(cache: ExpertCache, layer: int, hidden: torch.Tensor,
     kernels.finish(run, out)
     kernels.count_routing(topk_ids, slot_map, cache.routing, layer)
 
-
-def _prefetch_next(cache: ExpertCache, layer: int, prefetcher: CorrelationPrefetcher,
-                   ids_host: np.ndarray) -> None:
-    """Learns this layer's transition and loads the next MoE layer's likely experts."""
-    prefetcher.observe(layer, ids_host)
-    nxt = layer + 1
-    if nxt < len(cache.quotas):
-        cache.prefetch(nxt, prefetcher.predict(layer, ids_host, cache.quotas[nxt],
-                                               cache.resident(nxt), cache.free_slots(nxt)))
