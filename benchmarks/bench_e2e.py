@@ -31,6 +31,7 @@ from vllm_moe_offload.geometry import MoeGeometry
 from vllm_moe_offload.profiler import measure_h2d_gbps
 
 SCENARIOS = {"lat": (1, 128, 256), "thr": (64, 128, 256), "ttft": (16, 2048, 16)}
+GIB = 1 << 30
 
 
 def scenario_shape(name: str) -> tuple[int, int, int]:
@@ -40,23 +41,28 @@ def scenario_shape(name: str) -> tuple[int, int, int]:
     if name.startswith("n") and name[1:].isdigit() and int(name[1:]) > 0:
         return int(name[1:]), 128, 256
     raise SystemExit(f"unknown scenario {name!r}: lat, thr, ttft or nN (e.g. n16)")
-GIB = 1 << 30
 
 
-def measure_alone(barrier: str | None, system: str, timeout_s: float = 420.0):
+def barrier_spec(text: str) -> tuple[Path, int]:
+    """--barrier DIR:N -> (DIR, N)."""
+    folder, count = text.rsplit(":", 1)
+    return Path(folder), int(count)
+
+
+def measure_alone(barrier: tuple[Path, int] | None, system: str, timeout_s: float = 420.0):
     """Engines that start side by side (to share the minutes of start-up) measure one at a
-    time, and only once all have started: `barrier` is DIR:N. Each engine marks itself ready
-    in DIR, waits for N marks (or `timeout_s`, when another failed to start), then holds an
-    exclusive lock on DIR while it measures, so neither PCIe nor the GPU is shared."""
+    time, and only once all have started: `barrier` is (DIR, N). Each engine marks itself
+    ready in DIR, waits for N marks (or `timeout_s`, when another failed to start), then holds
+    an exclusive lock on DIR while it measures, so neither PCIe nor the GPU is shared."""
     if not barrier:
         return contextlib.nullcontext()
-    folder, count = barrier.rsplit(":", 1)
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    (Path(folder) / f"{system}.ready").touch()
+    folder, count = barrier
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{system}.ready").touch()
     deadline = time.time() + timeout_s
-    while len(list(Path(folder).glob("*.ready"))) < int(count) and time.time() < deadline:
+    while len(list(folder.glob("*.ready"))) < count and time.time() < deadline:
         time.sleep(1)
-    lock = open(Path(folder) / "measure.lock", "w")
+    lock = open(folder / "measure.lock", "w")
     fcntl.flock(lock, fcntl.LOCK_EX)
     return lock
 
@@ -121,7 +127,7 @@ def main() -> None:
     parser.add_argument("scenarios")
     parser.add_argument("--out", default=None)
     parser.add_argument("--preset", default="qwen3-30b-a3b-fp8")
-    parser.add_argument("--barrier", default=None, metavar="DIR:N",
+    parser.add_argument("--barrier", default=None, type=barrier_spec, metavar="DIR:N",
                         help="N engines start side by side and measure one at a time")
     args = parser.parse_args()
     from vllm import LLM
@@ -135,7 +141,7 @@ def main() -> None:
     expert_gib = geometry.total_experts * geometry.layout.record_bytes / GIB
     cuda = torch.cuda.is_available()
     t0 = time.time()
-    engines = int(args.barrier.rsplit(":", 1)[1]) if args.barrier else 1
+    engines = args.barrier[1] if args.barrier else 1
     llm = LLM(**engine_kwargs(args.system, model_dir, expert_gib, engines))
     load_s = time.time() - t0
     result = dict(card=torch.cuda.get_device_name() if cuda else "cpu",

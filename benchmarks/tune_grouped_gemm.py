@@ -66,7 +66,7 @@ def main() -> None:
         slot_map = torch.full_like(identity, -1)
         host_views = layout.views(pool.cpu().pin_memory())
         copy_gbs = measure_h2d_gbps(layout.record_bytes, "cuda")
-    table, report = {}, []
+    table = {}
     for t in HOST_TOKENS if args.host else TOKENS:
         x = torch.randn(t, H, device="cuda", dtype=torch.bfloat16)
         topk_ids = torch.rand(t, E, device="cuda").argsort(dim=1)[:, :K].to(torch.int32)
@@ -83,7 +83,6 @@ def main() -> None:
             if best is None or ms < best[0]:
                 best = (ms, cfg)
         table[str(t * K)] = best[1]
-        report.append((t, best[0], best[1]))
         rate = ""
         if args.host:
             gbs = topk_ids.unique().numel() * layout.record_bytes / best[0] / 1e6
