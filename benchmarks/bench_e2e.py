@@ -8,8 +8,9 @@ usage (GPU machine, kit env; VLLM_MOE_ROUTING_SIMULATION_STRATEGY=uniform_random
 routing): python benchmarks/bench_e2e.py SYSTEM SCENARIOS [--out F.json] [--preset P]
   SYSTEM: stock | uvaNN | offloadNN[+prefetch][+zerocopy]   (NN: percent of the expert bytes
           held on the GPU; +zerocopy: --expert-decode zero-copy)
-  SCENARIOS: comma-separated lat,thr,ttft or nN (N sequences of 128 -> 256 tokens: the
-             concurrency sweep the planner's --max-num-seqs is checked against)
+  SCENARIOS: comma-separated lat,thr,ttft or nN (N sequences of 128 -> 64 tokens: the
+             concurrency sweep the planner's --max-num-seqs is checked against; 64 decode
+             steps keep n128 near half a minute at a 25% budget)
 Each run writes one JSON; benchmarks/e2e_report.py merges runs into the table, JSON and plot.
 """
 
@@ -39,7 +40,7 @@ def scenario_shape(name: str) -> tuple[int, int, int]:
     if name in SCENARIOS:
         return SCENARIOS[name]
     if name.startswith("n") and name[1:].isdigit() and int(name[1:]) > 0:
-        return int(name[1:]), 128, 256
+        return int(name[1:]), 128, 64
     raise SystemExit(f"unknown scenario {name!r}: lat, thr, ttft or nN (e.g. n16)")
 
 

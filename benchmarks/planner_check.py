@@ -1,13 +1,20 @@
 """The planner's predicted tok/s against measured end-to-end runs, from measurements only.
 
 The profile is built from measured files, nothing fitted to the offload runs it predicts:
-h2d bandwidth from the offload run itself, the grouped-GEMM time against tokens from the
-kernel benchmark (CUDA-graph replays), and the non-MoE time per layer (attention, dense
-parts, router) from the stock run: stock TPOT / layers - GEMM time, at n = 1 (fixed part)
-and n = 64 (per-sequence slope).
+h2d bandwidth from each offload run itself, the grouped-GEMM time against tokens from the
+kernel benchmark (CUDA-graph replays), the non-MoE time per layer (attention, dense parts,
+router) from the stock run: stock TPOT / layers - GEMM time, at n = 1 (fixed part) and
+n = 64 (per-sequence slope), and, for host-synced systems, the fixed cost of one synced layer
+step that `vllm-moe-offload plan` measured on the same card (--profile; its
+`layer_overhead_ms`). Zero-copy systems (+zerocopy) never sync, so they get no such cost.
+
+Rows: every lat, thr and nN scenario of the offload runs. For a run with a concurrency sweep
+(nN scenarios) it also checks the planner's recommended --max-num-seqs: the n of highest
+predicted tok/s among the swept ones, and whether its measured tok/s is within 10% of the best.
 
 usage: python benchmarks/planner_check.py --kernels benchmarks/results/kernels.json
-         --stock E2E_STOCK.json --offload E2E_OFFLOAD.json [--out planner_check.json]
+         --stock E2E_STOCK.json --offload E2E_OFFLOAD.json [...] [--profile PLAN.json]
+         [--out planner_check.json]
 """
 
 import argparse
@@ -16,47 +23,91 @@ from dataclasses import replace
 from pathlib import Path
 
 from vllm_moe_offload.plan_cli import model_geometry
-from vllm_moe_offload.planner import solve
+from vllm_moe_offload.planner import recommend, solve
 from vllm_moe_offload.profiler import HardwareProfile
+
+WITHIN_BEST = 0.9  # issue 4: the recommended n measures within 10% of the sweep's best
+
+
+def synced_overhead_ms(path: str | None) -> float:
+    """The measured fixed cost of one host-synced layer step, from a `plan --out` JSON (or a
+    bare HardwareProfile JSON); 0 without one."""
+    if not path:
+        return 0.0
+    raw = json.loads(Path(path).read_text())
+    return float(raw.get("profile", raw)["layer_overhead_ms"])
+
+
+def base_profile(kernels: dict, stock_rows: dict, layers: int) -> HardwareProfile:
+    gemm_ms = {r["tokens"]: r["ours_ms"] for r in kernels["rows"]}
+    profile = HardwareProfile(kernels["card"], 0.0, gemm_ms)
+    rest = {n: stock_rows[s]["tpot_ms_p50"] / layers - profile.gemm_time_ms(n)
+            for s, n in (("lat", 1), ("thr", 64))}
+    per_seq = (rest[64] - rest[1]) / 63
+    return replace(profile, layer_overhead_ms=rest[1] - per_seq, attention_ms_per_seq=per_seq)
+
+
+def check_run(run: dict, base: HardwareProfile, geometry, sync_ms: float) -> dict:
+    """Predicted against measured rows of one offload run, and its sweep's recommendation."""
+    rows = [r for r in run["rows"] if r["scenario"] in ("lat", "thr")
+            or r["scenario"].startswith("n")]
+    system = rows[0]["system"] if rows else "?"
+    synced = "zerocopy" not in system
+    profile = replace(base, h2d_gbps=run["bw_h2d_gbs"],
+                      layer_overhead_ms=base.layer_overhead_ms + (sync_ms if synced else 0.0))
+    out = []
+    for measured in rows:
+        predicted = solve(profile, geometry, measured["budget"], n_values=(measured["n"],))[0]
+        out.append(dict(system=system, scenario=measured["scenario"], budget=measured["budget"],
+                        n=measured["n"], predicted_tok_s=round(predicted.tok_s, 1),
+                        measured_tok_s=measured["tok_s"],
+                        error=round(predicted.tok_s / measured["tok_s"] - 1, 3)))
+    result = dict(system=system, mode="synced" if synced else "zero-copy",
+                  h2d_gbps=profile.h2d_gbps, sync_overhead_ms=sync_ms if synced else 0.0,
+                  rows=out)
+    sweep = {r["n"]: r["measured_tok_s"] for r in out if r["scenario"].startswith("n")}
+    if len(sweep) > 1:
+        budget = next(r["budget"] for r in out if r["scenario"].startswith("n"))
+        chosen = recommend(solve(profile, geometry, budget, n_values=tuple(sorted(sweep))))
+        best = max(sweep, key=sweep.get)
+        result.update(recommended_max_num_seqs=chosen.n, measured_best_n=best,
+                      recommended_share_of_best=round(sweep[chosen.n] / sweep[best], 3),
+                      within_best_10pct=sweep[chosen.n] >= WITHIN_BEST * sweep[best])
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--kernels", required=True)
     parser.add_argument("--stock", required=True)
-    parser.add_argument("--offload", required=True)
+    parser.add_argument("--offload", required=True, nargs="+")
+    parser.add_argument("--profile", default=None,
+                        help="`vllm-moe-offload plan --out` JSON of the same card: the "
+                             "host-synced layer step's fixed cost")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     geometry = model_geometry("qwen3-30b-a3b-fp8")
-    layers = geometry.num_moe_layers
     kernels = json.loads(Path(args.kernels).read_text())
-    gemm_ms = {r["tokens"]: r["ours_ms"] for r in kernels["rows"]}
     stock = {r["scenario"]: r for r in json.loads(Path(args.stock).read_text())["rows"]}
-    offload = json.loads(Path(args.offload).read_text())
-    profile = HardwareProfile(kernels["card"], offload["bw_h2d_gbs"], gemm_ms)
-    rest = {n: stock[s]["tpot_ms_p50"] / layers - profile.gemm_time_ms(n)
-            for s, n in (("lat", 1), ("thr", 64))}
-    per_seq = (rest[64] - rest[1]) / 63
-    profile = replace(profile, layer_overhead_ms=rest[1] - per_seq, attention_ms_per_seq=per_seq)
-    rows = []
-    for measured in offload["rows"]:
-        if measured["scenario"] not in ("lat", "thr"):
-            continue
-        n = measured["n"]
-        predicted = solve(profile, geometry, measured["budget"], n_values=(n,))[0]
-        rows.append(dict(scenario=measured["scenario"], budget=measured["budget"], n=n,
-                         predicted_tok_s=round(predicted.tok_s, 1),
-                         measured_tok_s=measured["tok_s"],
-                         error=round(predicted.tok_s / measured["tok_s"] - 1, 3)))
-    report = dict(card=kernels["card"], profile=json.loads(profile.to_json()), rows=rows)
+    base = base_profile(kernels, stock, geometry.num_moe_layers)
+    sync_ms = synced_overhead_ms(args.profile)
+    runs = [check_run(json.loads(Path(f).read_text()), base, geometry, sync_ms)
+            for f in args.offload]
+    report = dict(card=kernels["card"], profile=json.loads(base.to_json()), runs=runs)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))
-    print(f"profile: h2d {profile.h2d_gbps} GB/s, non-MoE {profile.layer_overhead_ms:.3f} ms "
-          f"per layer + {profile.attention_ms_per_seq * 1e3:.2f} us per sequence")
-    print(f"{'scenario':<8} {'budget':>6} {'n':>4} {'predicted':>10} {'measured':>9} {'error':>7}")
-    for r in rows:
-        print(f"{r['scenario']:<8} {r['budget']:>6.2f} {r['n']:>4} {r['predicted_tok_s']:>10.1f} "
-              f"{r['measured_tok_s']:>9.1f} {r['error']:>+7.1%}")
+    print(f"non-MoE {base.layer_overhead_ms:.3f} ms per layer + "
+          f"{base.attention_ms_per_seq * 1e3:.2f} us per sequence; synced step +{sync_ms:.3f} ms")
+    print(f"{'system':<20} {'scenario':<8} {'budget':>6} {'n':>4} {'predicted':>10} "
+          f"{'measured':>9} {'error':>7}")
+    for run in runs:
+        for r in run["rows"]:
+            print(f"{r['system']:<20} {r['scenario']:<8} {r['budget']:>6.2f} {r['n']:>4} "
+                  f"{r['predicted_tok_s']:>10.1f} {r['measured_tok_s']:>9.1f} {r['error']:>+7.1%}")
+        if "recommended_max_num_seqs" in run:
+            print(f"{run['system']}: recommended --max-num-seqs {run['recommended_max_num_seqs']}"
+                  f", measured best n={run['measured_best_n']}, share of best "
+                  f"{run['recommended_share_of_best']:.0%}")
 
 
 if __name__ == "__main__":

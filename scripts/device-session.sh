@@ -15,6 +15,8 @@
 #             start side by side and measure one at a time (--barrier); they must fit the card
 #             together, e.g. e2e "uva25 offload25+zerocopy" lat,thr,ttft   [later calls]
 #             or the concurrency sweep: e2e "offload25" n1,n4,n8,n16,n32,n64,n128
+#   plan    : `vllm-moe-offload plan` on the card (its profile: h2d, GEMM against tokens, the
+#             host-synced layer step's fixed cost) -> plan.json, for planner_check.py
 #   serve   : `vllm serve --enable-expert-offload` answers a chat
 set -uo pipefail
 out=${OUT:-/tmp/out}; mkdir -p "$out"
@@ -65,6 +67,9 @@ e2e)
   for system in "${systems[@]}"; do
     echo "== $system"; grep -E "RESULT|Error|error:|engine start" "$out/e2e-${system//+/_}.log" | cut -c1-400 | tail -6
   done ;;
+plan)
+  with_vllm
+  python3 -m vllm_moe_offload plan qwen3-30b-a3b-fp8 --out "$out/plan.json" 2>&1 | grep -v -i warn | tail -12 ;;
 serve)
   with_vllm
   env OUT="$out" bash scripts/device-foundation.sh serve | tail -6 ;;

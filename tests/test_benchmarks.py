@@ -1,5 +1,5 @@
 """The end-to-end benchmark's bookkeeping, without an engine: scenario names, the merged
-report's order, bound and efficiency."""
+report's order, bound and efficiency, and the planner check's modes and recommendation."""
 
 import sys
 from pathlib import Path
@@ -9,12 +9,17 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from bench_e2e import scenario_shape  # noqa: E402
 from e2e_report import merge  # noqa: E402
+from planner_check import check_run  # noqa: E402
+
+from vllm_moe_offload.plan_cli import model_geometry  # noqa: E402
+from vllm_moe_offload.planner import solve  # noqa: E402
+from vllm_moe_offload.profiler import HardwareProfile  # noqa: E402
 
 
 def test_scenarios_by_name_and_concurrency():
     assert scenario_shape("lat") == (1, 128, 256)
     assert scenario_shape("ttft") == (16, 2048, 16)
-    assert scenario_shape("n32") == (32, 128, 256)
+    assert scenario_shape("n32") == (32, 128, 64)
     for bad in ("n0", "n", "x8", "thr2"):
         with pytest.raises(SystemExit, match="unknown scenario"):
             scenario_shape(bad)
@@ -35,3 +40,33 @@ def test_report_orders_rows_and_bounds_offload_by_the_pcie_bytes():
     row = report["rows"][0]
     # 0.5 GB at 50 GB/s (10 ms) + stock's 10 ms per token: 50 tok/s, of which 10 measured
     assert row["bound_tok_s"] == 50.0 and row["efficiency"] == 0.2
+
+
+def sweep_run(system, tok_s_by_n, budget=0.25):
+    return {"bw_h2d_gbs": 50.0, "rows": [
+        dict(system=system, scenario=f"n{n}", budget=budget, n=n, tok_s=t)
+        for n, t in tok_s_by_n.items()]}
+
+
+def test_planner_check_charges_the_sync_to_synced_runs_only_and_checks_the_recommendation():
+    geometry = model_geometry("qwen3-30b-a3b-fp8")
+    base = HardwareProfile("GPU", 0.0, {1: 0.03, 64: 0.2, 256: 0.3}, layer_overhead_ms=0.05)
+    def predict(overhead_ms):
+        profile = HardwareProfile("GPU", 50.0, base.gemm_ms, layer_overhead_ms=overhead_ms)
+        return {n: solve(profile, geometry, 0.25, n_values=(n,))[0].tok_s for n in (1, 8, 64)}
+    predicted = predict(0.05)
+    zero_copy = check_run(sweep_run("offload25+zerocopy", predicted), base, geometry, 1.0)
+    assert zero_copy["mode"] == "zero-copy" and zero_copy["sync_overhead_ms"] == 0.0
+    assert [r["error"] for r in zero_copy["rows"]] == [0.0, 0.0, 0.0]
+    synced = check_run(sweep_run("offload25", predicted), base, geometry, 1.0)
+    slower = predict(1.05)  # 1 ms more per layer step
+    assert [r["predicted_tok_s"] for r in synced["rows"]] == [
+        round(slower[n], 1) for n in (1, 8, 64)]
+    assert slower[1] < predicted[1] / 2
+    # the planner picks n=64 (highest predicted); measured, n=8 is best and 64 is 20% behind
+    measured = {1: 10.0, 8: 100.0, 64: 80.0}
+    run = check_run(sweep_run("offload25", measured), base, geometry, 0.0)
+    assert (run["recommended_max_num_seqs"], run["measured_best_n"]) == (64, 8)
+    assert run["recommended_share_of_best"] == 0.8 and run["within_best_10pct"] is False
+    run = check_run(sweep_run("offload25", {1: 10.0, 8: 100.0, 64: 95.0}), base, geometry, 0.0)
+    assert run["within_best_10pct"] is True
