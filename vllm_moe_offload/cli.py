@@ -96,6 +96,9 @@ def main(argv: list[str] | None = None) -> None:
                       choices=["tiny", "tiny-fp8", "qwen3-30b-a3b-fp8"])
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--device", default=None, help="where to draw weights (default: cuda if any)")
+    make.add_argument("--predictable", action="store_true",
+                      help="embeddings and lm_head such that greedy decoding walks a fixed "
+                           "cycle of tokens (a synthetic workload for speculative decoding)")
     make.add_argument("--draft", default=None, metavar="DIR",
                       help="also write an EAGLE-3 draft for the model (speculators format) here")
     make.add_argument("--draft-kind", default="random", choices=["random", "copy"],
@@ -130,7 +133,8 @@ def main(argv: list[str] | None = None) -> None:
         from pathlib import Path
 
         from vllm_moe_offload.checkpoint import write_checkpoint
-        write_checkpoint(Path(args.out), args.preset, seed=args.seed, device=args.device)
+        write_checkpoint(Path(args.out), args.preset, seed=args.seed, device=args.device,
+                         predictable=args.predictable)
         if args.draft:
             from vllm_moe_offload.draft import write_draft
             write_draft(Path(args.draft), Path(args.out), args.draft_kind, args.draft_tokens,
