@@ -1,8 +1,15 @@
-"""`make-model --predictable`: a target whose greedy continuation is known by construction.
+"""`make-model --predictable` and `--draft-kind oracle`: a target whose greedy continuation is
+known by construction, and an EAGLE-3 draft that predicts it except on a chosen share of tokens.
 
-A synthetic workload, for measuring what speculative decoding's acceptance length buys with
-offload: under greedy decoding the target walks a cycle of m token ids s_0 -> s_1 -> ... ->
-s_{m-1} -> s_0.
+A synthetic workload for measuring what acceptance length buys with offload, not a trained
+draft: under greedy decoding the target walks a cycle of m token ids s_0 -> s_1 -> ... ->
+s_{m-1} -> s_0, and the oracle draft proposes the walk except at a seeded set of round(q*m)
+cycle positions (miss rate q), where it proposes a decoy. vLLM's rejection sampler decides.
+Every acceptance test is at a cycle position the walk has not tested since its last lap, so
+each proposed token is accepted with probability ~1-q given that the ones before it were, and
+with k speculative tokens the mean acceptance length is ~(1-(1-q)^(k+1))/q. The misses are
+fixed positions, though: requests that walk the same stretch of the cycle see the same ones,
+so a short cycle or few, long requests scatter the measured per-position rates around 1-q.
 
 Geometry, in the hidden space of size h, m = h/2:
 - v_0..v_{m-1}: the real DFT basis on coordinates [0, m), orthonormal. The shift j -> j+1 is
@@ -12,8 +19,10 @@ Geometry, in the hidden space of size h, m = h/2:
   every other row zero, so the greedy successor of s_j is s_{j+1}. A token off the cycle
   embeds like a random cycle position, so the first generated token is already on it. All
   other tensors (attention, router, FP8 experts) stay make-model's random ones and run.
+- draft: see `oracle_tensor`.
 
-The cycle depends on the target's config alone (CYCLE_SEED).
+The cycle depends on the target's config alone (CYCLE_SEED), so a draft can be written for a
+target later; `check_target` refuses a target that was not written with `predictable=True`.
 """
 
 import math
@@ -28,12 +37,20 @@ LOGIT_NORM = 10.0  # norm of a non-zero lm_head row, as make-model's random lm_h
 # The scale argument (`embedding_scale`) gives the cycle a margin of MARGIN/sqrt(2) standard
 # deviations of what the random layers add: 45 at the expected size of that noise.
 MARGIN = 64.0
+GATE = 8.0  # the oracle MLP's gate value: silu(8) = 7.997, so the MLP is linear in `up`
+# The share of the oracle's residual on the cycle's span (the rest is on u). The target's noise
+# in that span, which fc keeps, then barely moves the residual's RMS, by which the MLP's step
+# is scaled: at 5x the expected noise in the full-size preset (its norm 2.5x beta: m = 1024
+# dimensions of it) it moves the RMS by 5%, where an even split of u and v_j would double it
+# and stall the walk.
+CYCLE_SHARE = 1 / 8
+U_SHARE = math.sqrt(1 - CYCLE_SHARE**2)
 
 
 @dataclass(frozen=True)
 class Cycle:
     ids: torch.Tensor  # [m] s_0..s_{m-1}
-    decoys: torch.Tensor  # [m] ids off the cycle
+    decoys: torch.Tensor  # [m] ids off the cycle: the oracle proposes decoys[j] for a missed s_j
     positions: torch.Tensor  # [vocab] the cycle position each token's embedding carries
     v: torch.Tensor  # [m, h] float64, row j = v_j
     u: torch.Tensor  # [h] float64
@@ -95,6 +112,69 @@ def target_tensor(name: str, cycle: Cycle) -> torch.Tensor | None:
         return table[cycle.positions]
     if name == "lm_head.weight":
         return _rows(len(cycle.positions), cycle.ids.roll(-1), cycle.v)  # row s_{j+1} = v_j
+    return None
+
+
+def check_target(cycle: Cycle, lm_head: torch.Tensor) -> None:
+    """Raises unless `lm_head` is the predictable target's (the oracle reads nothing else)."""
+    expected = target_tensor("lm_head.weight", cycle)
+    if lm_head.shape != expected.shape or not torch.equal(lm_head, expected):
+        raise ValueError("the oracle draft needs a predictable target: write it with "
+                         "`make-model --predictable` (write_checkpoint(..., predictable=True))")
+
+
+def missed_positions(m: int, miss_rate: float, seed: int) -> torch.Tensor:
+    """[m] bool: the round(miss_rate*m) cycle positions the oracle proposes a decoy for."""
+    if not 0.0 <= miss_rate <= 1.0:
+        raise ValueError(f"miss rate {miss_rate} is not in [0, 1]")
+    missed = torch.zeros(m, dtype=torch.bool)
+    gen = torch.Generator().manual_seed(seed)
+    missed[torch.randperm(m, generator=gen)[: round(miss_rate * m)]] = True
+    return missed
+
+
+def oracle_tensor(name: str, shape, cycle: Cycle, missed: torch.Tensor) -> torch.Tensor | None:
+    """The oracle draft's `name`, or None where a random tensor does (q, k, v).
+
+    vLLM's EAGLE-3 draft (llama_eagle3.py, norm_before_residual False): residual = fc(aux);
+    attention adds o_proj(...) = 0; prenorm = residual + mlp(post_attention_layernorm(residual));
+    logits = lm_head(norm(prenorm)); the next draft step gets prenorm back as its hidden state.
+    - fc: the aux chunk of the target's last layer, beta*(u + v_j) + noise at the position of
+      s_j, rotated one position and scaled to RMS 1: sqrt(h)*(a*u + c*v_{j+1}), a = U_SHARE,
+      c = CYCLE_SHARE. R fixes u.
+    - mlp: gate rows read u, which holds sqrt(h)*a of the RMS-1 input, so the gate is the
+      constant GATE; up selects coordinates [0, m), down applies (R - I)/silu(GATE). The layer
+      thus adds (R - I) residual: prenorm = sqrt(h)*(a*u + c*v_{j+2}), RMS 1 again.
+    - all norm weights are one, so norm(prenorm) = prenorm: the next step turns the cycle once
+      more whether it is fed the pre- or the post-norm state.
+    - lm_head: row s_j = v_j, but for a missed j the row of decoys[j] = v_j instead.
+    At the position of s_j (the draft's input token is s_{j+1}) the draft proposes s_{j+2},
+    then s_{j+3}, ..., exactly the target's continuation but for the missed positions.
+    """
+    h, m = cycle.u.numel(), len(cycle.ids)
+    if name == "fc.weight":
+        fc = torch.zeros(shape, dtype=torch.float64)
+        last = fc[:, -h:]
+        last[:m, :m] = cycle.rotation * CYCLE_SHARE
+        last[m:, m:] = torch.outer(cycle.u[m:], cycle.u[m:]) * U_SHARE
+        return fc * math.sqrt(h) / cycle.scale
+    if name.endswith("norm.weight"):
+        return torch.ones(shape, dtype=torch.float64)
+    if name.endswith("o_proj.weight"):
+        return torch.zeros(shape, dtype=torch.float64)
+    if name.endswith("gate_proj.weight"):
+        return (GATE / (math.sqrt(h) * U_SHARE) * cycle.u).expand(shape).clone()
+    if name.endswith("up_proj.weight"):
+        up = torch.zeros(shape, dtype=torch.float64)
+        up[:m, :m] = torch.eye(m)
+        return up
+    if name.endswith("down_proj.weight"):
+        down = torch.zeros(shape, dtype=torch.float64)
+        silu = torch.nn.functional.silu(torch.tensor(GATE, dtype=torch.float64))
+        down[:m, :m] = (cycle.rotation - torch.eye(m)) / silu
+        return down
+    if name == "lm_head.weight":
+        return _rows(shape[0], torch.where(missed, cycle.decoys, cycle.ids), cycle.v)
     return None
 
 
