@@ -1,11 +1,15 @@
-"""make-model: the full-size preset's layout (no weights written) and a written tiny checkpoint."""
+"""make-model: the full-size preset's layout (no weights written), a written tiny checkpoint, and
+the predictable target's cycle."""
 
 import json
+import math
 
 import torch
 from safetensors import safe_open
 
 from vllm_moe_offload.checkpoint import PRESETS, hf_config, tensor_plan, write_checkpoint
+from vllm_moe_offload.predictable import cycle_for, target_tensor
+from vllm_moe_offload.tokenizer import SPECIAL_TOKENS
 
 
 def test_qwen3_30b_a3b_fp8_layout():
@@ -42,3 +46,64 @@ def test_tiny_fp8_checkpoint(tmp_path):
     tokenizer = json.loads((out / "tokenizer.json").read_text())
     assert len(tokenizer["model"]["vocab"]) == json.loads(
         (out / "config.json").read_text())["vocab_size"]
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+
+
+def _layer_noise(config: dict, n: int, per_sublayer_rms: float, seed: int = 0) -> torch.Tensor:
+    """What 2L sublayers that each add `per_sublayer_rms` per coordinate add to the residual."""
+    gen = torch.Generator().manual_seed(seed)
+    sd = per_sublayer_rms * math.sqrt(2 * config["num_hidden_layers"])
+    return torch.randn(n, config["hidden_size"], generator=gen) * sd
+
+
+def _greedy_successors(config, embed, lm_head, norm, noise_rms: float) -> torch.Tensor:
+    """argmax of lm_head(norm(residual)) where the residual is each cycle token's embedding plus
+    random-layer noise, rounded to bf16 as vLLM keeps it."""
+    ids = cycle_for(config).ids
+    residual = embed[ids].float() + _layer_noise(config, len(ids), noise_rms)
+    residual = residual.to(torch.bfloat16).float()
+    return (_rms_norm(residual, norm) @ lm_head.float().T).argmax(-1)
+
+
+def test_predictable_target_walks_its_cycle(tmp_path):
+    plain = write_checkpoint(tmp_path / "plain", "tiny", progress=False)
+    out = write_checkpoint(tmp_path / "walk", "tiny", progress=False, predictable=True)
+    config = json.loads((out / "config.json").read_text())
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert index == json.loads((plain / "model.safetensors.index.json").read_text())["weight_map"]
+
+    def tensor(root, name):
+        with safe_open(root / index[name], "pt") as f:
+            return f.get_tensor(name)
+
+    for name in ("model.layers.0.mlp.experts.5.up_proj.weight", "model.norm.weight"):
+        assert torch.equal(tensor(out, name), tensor(plain, name))  # only the cycle changed
+    embed, lm_head, norm = (tensor(out, n) for n in
+                            ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"))
+    cycle = cycle_for(config)
+    m = len(cycle.ids)
+    assert m == 64 and len(set(cycle.ids.tolist()) | set(cycle.decoys.tolist())) == 2 * m
+    assert min(cycle.ids.min(), cycle.decoys.min()) >= len(SPECIAL_TOKENS)
+    for rms in (0.0, 1.0, 5.0):  # 5: the largest per-sublayer output the scale argument allows
+        assert torch.equal(_greedy_successors(config, embed, lm_head, norm, rms),
+                           cycle.ids.roll(-1)), rms
+    # every token, on the cycle or not, is followed by a cycle token
+    first = (_rms_norm(embed.float(), norm) @ lm_head.float().T).argmax(-1)
+    assert torch.equal(first, cycle.ids[(cycle.positions + 1) % m])
+
+
+def test_full_size_cycle_outweighs_48_random_layers():
+    # the full-size preset's hidden size and depth, a vocabulary cut down to keep the test fast
+    config = dict(hf_config(PRESETS["qwen3-30b-a3b-fp8"]), vocab_size=8192)
+    cycle = cycle_for(config)
+    assert len(cycle.ids) == 1024
+    embed = target_tensor("model.embed_tokens.weight", cycle)
+    lm_head = target_tensor("lm_head.weight", cycle)
+    gen = torch.Generator().manual_seed(1)
+    norm = 1.0 + 0.1 * torch.randn(config["hidden_size"], generator=gen)  # as make-model's
+    for rms in (1.0, 5.0):
+        assert torch.equal(_greedy_successors(config, embed, lm_head, norm, rms),
+                           cycle.ids.roll(-1)), rms

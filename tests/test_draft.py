@@ -1,6 +1,7 @@
 """make-model --draft: speculators-format EAGLE-3 drafts that match their target."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from safetensors import safe_open
 from vllm_moe_offload.checkpoint import PRESETS, hf_config, write_checkpoint
 from vllm_moe_offload.cli import main
 from vllm_moe_offload.draft import aux_layer_ids, draft_config, tensor_plan, write_draft
+from vllm_moe_offload.predictable import cycle_for, missed_positions, oracle_tensor, target_tensor
 
 
 def _tensors(path) -> dict[str, torch.Tensor]:
@@ -70,7 +72,7 @@ def test_full_size_draft_layout(tmp_path):
     assert plan["fc.weight"] == (2048, 3 * 2048)
     assert plan["lm_head.weight"] == (32000, 2048)
     assert plan["layers.0.self_attn.k_proj.weight"] == (4 * 128, 2 * 2048)
-    assert aux_layer_ids(48, "copy") == [2, 24, 48]
+    assert aux_layer_ids(48, "copy") == aux_layer_ids(48, "oracle") == [2, 24, 48]
 
 
 def test_vllm_reads_the_draft_config(tmp_path):
@@ -100,3 +102,88 @@ def test_draft_vocab_maps(tmp_path):
 def test_unknown_kind_is_refused(tmp_path):
     with pytest.raises(ValueError, match="draft kind"):
         write_draft(tmp_path / "d", tmp_path, kind="ngram")
+
+
+def _draft_proposals(tensors: dict, aux: torch.Tensor, steps: int, feed: str) -> torch.Tensor:
+    """[n, steps] token ids the draft proposes from target aux states [n, 3h], run as vLLM's
+    Eagle3 Llama runs it (norm_before_residual False, attention adding nothing: o_proj is zero);
+    each step gets the last one's `feed` ("prenorm" or "postnorm") hidden state."""
+    t = {name: w.float() for name, w in tensors.items()}
+    assert not t["layers.0.self_attn.o_proj.weight"].any()
+    hidden = aux @ t["fc.weight"].T
+    proposals = []
+    for _ in range(steps):
+        residual = hidden
+        x = _rms_norm(residual, t["layers.0.post_attention_layernorm.weight"])
+        gate, up = x @ t["layers.0.mlp.gate_proj.weight"].T, x @ t["layers.0.mlp.up_proj.weight"].T
+        prenorm = residual + (torch.nn.functional.silu(gate) * up) @ t[
+            "layers.0.mlp.down_proj.weight"].T
+        postnorm = _rms_norm(prenorm, t["norm.weight"])
+        proposals.append((postnorm @ t["lm_head.weight"].T).argmax(-1))
+        hidden = prenorm if feed == "prenorm" else postnorm
+    return torch.stack(proposals, dim=1)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def _check_oracle(config: dict, embed: torch.Tensor, tensors: dict, missed: torch.Tensor,
+                  stride: int = 1):
+    """At the position of s_j, for every `stride`-th j (target state: its embedding plus what
+    the layers add, at the size the scale argument allows), the draft proposes s_{j+2}, s_{j+3},
+    s_{j+4}, but a decoy where that position is missed."""
+    cycle = cycle_for(config)
+    m, h = len(cycle.ids), config["hidden_size"]
+    j = torch.arange(0, m, stride)
+    gen = torch.Generator().manual_seed(2)
+    noise = 5.0 * math.sqrt(2 * config["num_hidden_layers"])
+    last = (embed[cycle.ids[j]].float() + noise * torch.randn(len(j), h, generator=gen))
+    aux = torch.cat([torch.randn(len(j), 2 * h, generator=gen), last.to(torch.bfloat16).float()],
+                    dim=1)
+    ahead = (j[:, None] + torch.arange(2, 5)) % m
+    expected = torch.where(missed[ahead], cycle.decoys[ahead], cycle.ids[ahead])
+    for feed in ("prenorm", "postnorm"):
+        assert torch.equal(_draft_proposals(tensors, aux, 3, feed), expected), feed
+
+
+@pytest.mark.parametrize("miss_rate", [0.0, 0.3])
+def test_oracle_draft_proposes_the_walk(tmp_path, miss_rate):
+    target_dir = write_checkpoint(tmp_path / "t", "tiny", progress=False, predictable=True)
+    draft = write_draft(tmp_path / "d", target_dir, kind="oracle", miss_rate=miss_rate, seed=3,
+                        progress=False)
+    config = json.loads((draft / "config.json").read_text())
+    assert config["eagle_aux_hidden_state_layer_ids"] == [1, 2, 3]  # 3 = the last layer's output
+    target = json.loads((target_dir / "config.json").read_text())
+    missed = missed_positions(64, miss_rate, seed=3)
+    assert missed.sum() == round(miss_rate * 64)
+    index = json.loads((target_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    with safe_open(target_dir / index["model.embed_tokens.weight"], "pt") as f:
+        embed = f.get_tensor("model.embed_tokens.weight")
+    _check_oracle(target, embed, _tensors(draft), missed)
+
+
+def test_full_size_oracle_draft(tmp_path):
+    # the full-size preset's hidden size, depth and FFN width; a vocabulary cut down for speed
+    target = dict(hf_config(PRESETS["qwen3-30b-a3b-fp8"]), vocab_size=8192)
+    cycle = cycle_for(target)
+    missed = missed_positions(len(cycle.ids), 0.5, seed=0)
+    config = draft_config(target, tmp_path, "oracle", 3)
+    tensors = {name: oracle_tensor(name, shape, cycle, missed) for name, shape in
+               tensor_plan(config) if "self_attn" not in name or "o_proj" in name}
+    tensors = {name: t.to(torch.bfloat16) for name, t in tensors.items()}
+    # every third position: their proposals still cover the whole cycle
+    _check_oracle(target, target_tensor("model.embed_tokens.weight", cycle), tensors, missed,
+                  stride=3)
+
+
+def test_oracle_needs_a_predictable_target(tmp_path):
+    target_dir = write_checkpoint(tmp_path / "t", "tiny", progress=False)
+    with pytest.raises(ValueError, match="predictable"):
+        write_draft(tmp_path / "d", target_dir, kind="oracle", progress=False)
+    with pytest.raises(ValueError, match="miss rate"):
+        write_draft(tmp_path / "d", target_dir, kind="copy", miss_rate=0.5, progress=False)
+    with pytest.raises(SystemExit):
+        main(["make-model", str(tmp_path / "t2"), "--draft", str(tmp_path / "d2"),
+              "--draft-kind", "oracle"])
+    assert not (tmp_path / "t2").exists()

@@ -5,6 +5,9 @@ Weights cannot be downloaded here, so tests and benchmarks build their own check
 tensor names, dtypes (FP8 e4m3 weights, BF16 `weight_scale_inv` per 128x128 block, BF16 router,
 norms, embeddings and lm_head) and sharding with `model.safetensors.index.json`.
 
+`predictable=True` replaces the embeddings and lm_head so that greedy decoding walks a fixed
+cycle of tokens (predictable.py), for sweeping EAGLE-3 acceptance with the oracle draft.
+
 Example:
     write_checkpoint(Path("/tmp/tiny"), "tiny")
 """
@@ -18,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from vllm_moe_offload.predictable import cycle_for, target_tensor
 from vllm_moe_offload.tokenizer import EOS_ID, PAD_ID, build_tokenizer
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -185,8 +189,10 @@ def _checkpoint_tensors(name, shape, quantize, gen, device):
 
 
 def write_checkpoint(out: Path, preset_name: str, seed: int = 0, device: str | None = None,
-                     shard_bytes: int | None = None, progress: bool = True) -> Path:
-    """Writes a random checkpoint of `preset_name` into `out`; returns `out`."""
+                     shard_bytes: int | None = None, progress: bool = True,
+                     predictable: bool = False) -> Path:
+    """Writes a random checkpoint of `preset_name` into `out`, with the predictable cycle's
+    embeddings and lm_head if `predictable`; returns `out`."""
     if preset_name not in PRESETS:
         raise ValueError(f"unknown preset {preset_name!r}; choose one of {sorted(PRESETS)}")
     preset = PRESETS[preset_name]
@@ -201,14 +207,20 @@ def write_checkpoint(out: Path, preset_name: str, seed: int = 0, device: str | N
     build_tokenizer(out, config["vocab_size"])
 
     plan = tensor_plan(preset.config)
+    cycle = cycle_for(config) if predictable else None
     gen = torch.Generator(device=device).manual_seed(seed)
     shards: list[dict[str, torch.Tensor]] = [{}]
     shard_sizes = [0]
     total = 0
     bar = tqdm(plan, desc=f"make-model {preset_name}", unit="tensor", disable=not progress)
     for name, shape, is_linear in bar:
-        for key, t in _checkpoint_tensors(
-                name, shape, is_quantized(preset, name, is_linear), gen, device).items():
+        # drawn even where the cycle replaces it, so that every other tensor equals the plain
+        # checkpoint's of this seed
+        tensors = _checkpoint_tensors(name, shape, is_quantized(preset, name, is_linear), gen,
+                                      device)
+        if cycle is not None and (fixed := target_tensor(name, cycle)) is not None:
+            tensors = {name: fixed}
+        for key, t in tensors.items():
             nbytes = t.numel() * t.element_size()
             if shard_sizes[-1] and shard_sizes[-1] + nbytes > shard_bytes:
                 _flush(out, shards, len(shards) - 1)

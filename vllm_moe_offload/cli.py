@@ -96,11 +96,19 @@ def main(argv: list[str] | None = None) -> None:
                       choices=["tiny", "tiny-fp8", "qwen3-30b-a3b-fp8"])
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--device", default=None, help="where to draw weights (default: cuda if any)")
+    make.add_argument("--predictable", action="store_true",
+                      help="embeddings and lm_head such that greedy decoding walks a fixed "
+                           "cycle of tokens (a synthetic workload for --draft-kind oracle)")
     make.add_argument("--draft", default=None, metavar="DIR",
                       help="also write an EAGLE-3 draft for the model (speculators format) here")
-    make.add_argument("--draft-kind", default="random", choices=["random", "copy"],
+    make.add_argument("--draft-kind", default="random", choices=["random", "copy", "oracle"],
                       help="random: random weights (almost never accepted); copy: proposes "
-                           "the last sampled token, so a random model accepts some (tests)")
+                           "the last sampled token, so a random model accepts some (tests); "
+                           "oracle: proposes a --predictable model's continuation but for "
+                           "--draft-miss-rate of the tokens")
+    make.add_argument("--draft-miss-rate", type=float, default=0.0,
+                      help="share of the cycle's tokens the oracle draft gets wrong: "
+                           "per-token acceptance ~1-Q (default 0)")
     make.add_argument("--draft-tokens", type=int, default=3,
                       help="speculative tokens per step the draft's config proposes")
     demo = sub.add_parser("demo", help="serve a tiny model with offload, chat once, show counters")
@@ -123,6 +131,8 @@ def main(argv: list[str] | None = None) -> None:
                       help="time of one draft forward per step, ms (default 0)")
     plan.add_argument("--out", default=None, help="write the plan as JSON")
     args = parser.parse_args(argv)
+    if args.command == "make-model" and args.draft_kind == "oracle" and not args.predictable:
+        parser.error("--draft-kind oracle needs --predictable")  # before a 31 GB write
     if args.command == "plan":
         from vllm_moe_offload.plan_cli import run_plan
         run_plan(args)
@@ -130,11 +140,12 @@ def main(argv: list[str] | None = None) -> None:
         from pathlib import Path
 
         from vllm_moe_offload.checkpoint import write_checkpoint
-        write_checkpoint(Path(args.out), args.preset, seed=args.seed, device=args.device)
+        write_checkpoint(Path(args.out), args.preset, seed=args.seed, device=args.device,
+                         predictable=args.predictable)
         if args.draft:
             from vllm_moe_offload.draft import write_draft
             write_draft(Path(args.draft), Path(args.out), args.draft_kind, args.draft_tokens,
-                        seed=args.seed, device=args.device)
+                        seed=args.seed, device=args.device, miss_rate=args.draft_miss_rate)
     else:
         from vllm_moe_offload.demo import run_demo
         run_demo(args.model, args.port, args.cache_slots)

@@ -7,17 +7,21 @@ fields beside it are copied over. The files are written by hand, the way
 `speculators.models.Eagle3DraftModel.save_pretrained` writes them, so the `speculators`
 package (which pins its own torch) is not needed.
 
-Two kinds of draft:
+Three kinds of draft:
 - `random`: random weights, the shape of a real draft for the target. Almost never accepted.
 - `copy`: proposes the token just sampled, again and again. `fc` picks the aux state of the
   target's last layer, the decoder layer adds nothing (`o_proj` and `down_proj` are zero),
   and `norm`/`lm_head` are the target's, so the draft's logits are the target's logits at
   the current position. Random targets repeat tokens a lot under greedy decoding, so these
   proposals are accepted often enough to exercise multi-token acceptance and KV rollback.
+- `oracle`: for a `make-model --predictable` target, proposes its greedy continuation except
+  on a chosen share `miss_rate` of the tokens, to sweep acceptance length (predictable.py).
 
 Example:
     write_checkpoint(Path("/tmp/tiny"), "tiny")
     write_draft(Path("/tmp/tiny-draft"), Path("/tmp/tiny"), kind="copy")
+    write_checkpoint(Path("/tmp/walk"), "tiny", predictable=True)
+    write_draft(Path("/tmp/walk-draft"), Path("/tmp/walk"), kind="oracle", miss_rate=0.2)
 """
 
 import json
@@ -29,7 +33,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-DRAFT_KINDS = ("random", "copy")
+from vllm_moe_offload.predictable import check_target, cycle_for, missed_positions, oracle_tensor
+
+DRAFT_KINDS = ("random", "copy", "oracle")
 # The speculators EAGLE-3 releases for Qwen3 (e.g. RedHatAI/Qwen3-*-speculator.eagle3) draft
 # from the 32k most frequent target tokens and map them back with `d2t`.
 MAX_DRAFT_VOCAB = 32000
@@ -38,9 +44,10 @@ SPECULATORS_VERSION = "0.9.0"  # the release whose save_pretrained layout this r
 
 def aux_layer_ids(num_layers: int, kind: str) -> list[int]:
     """Target "layers" whose outputs feed the draft; id 0 is the embeddings, id i the output
-    of decoder layer i-1. vLLM's default is (2, L//2, L-3); the copy draft needs the last
-    layer's output, id L. Written explicitly: vLLM's default breaks on very short targets."""
-    low, mid, high = 2, num_layers // 2, (num_layers if kind == "copy" else num_layers - 3)
+    of decoder layer i-1. vLLM's default is (2, L//2, L-3); the copy and oracle drafts need the
+    last layer's output, id L. Written explicitly: vLLM's default breaks on very short targets."""
+    low, mid = 2, num_layers // 2
+    high = num_layers if kind in ("copy", "oracle") else num_layers - 3
     ids = sorted({low, mid, high})
     if len(ids) != 3 or ids[0] < 0 or ids[-1] > num_layers:
         raise ValueError(f"no three distinct aux layers in a {num_layers}-layer target")
@@ -164,24 +171,37 @@ class _TargetTensors:
 
 def write_draft(out: Path, target_dir: Path, kind: str = "random",
                 num_speculative_tokens: int = 3, seed: int = 0, device: str | None = None,
-                progress: bool = True) -> Path:
+                progress: bool = True, miss_rate: float = 0.0) -> Path:
     """Writes an EAGLE-3 draft for the make-model checkpoint in `target_dir` (only its
-    config.json for `random`; also its `norm` and `lm_head` for `copy`); returns `out`."""
+    config.json for `random`; also its `norm` and `lm_head` for `copy`; its `lm_head`, to check
+    that it is predictable, for `oracle`, which misses `miss_rate` of the tokens, the missed
+    cycle positions drawn with `seed`); returns `out`."""
     if kind not in DRAFT_KINDS:
         raise ValueError(f"unknown draft kind {kind!r}; choose one of {list(DRAFT_KINDS)}")
+    if miss_rate and kind != "oracle":
+        raise ValueError(f"a miss rate is for the oracle draft, not {kind!r}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     target = json.loads((target_dir / "config.json").read_text())
     config = draft_config(target, target_dir, kind, num_speculative_tokens)
+    source = _TargetTensors(target_dir) if kind != "random" else None
+    if kind == "oracle":
+        cycle = cycle_for(target)
+        check_target(cycle, source.get("lm_head.weight"))
+        missed = missed_positions(len(cycle.ids), miss_rate, seed)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config, indent=2))
 
-    source = _TargetTensors(target_dir) if kind == "copy" else None
     gen = torch.Generator(device=device).manual_seed(seed)
     tensors = {}
     plan = tensor_plan(config)
     for name, shape in tqdm(plan, desc=f"make-model --draft {kind}", unit="tensor",
                             disable=not progress):
-        t = _copy_tensor(name, shape, source, device) if source else None
+        if kind == "copy":
+            t = _copy_tensor(name, shape, source, device)
+        elif kind == "oracle":
+            t = oracle_tensor(name, shape, cycle, missed)
+        else:
+            t = None
         if t is None:
             t = _random_tensor(shape, gen, device)
         assert tuple(t.shape) == shape, (name, tuple(t.shape), shape)
