@@ -137,3 +137,35 @@ def test_policies_take_summed_uses_of_unseen_steps():
     lfu.observe_counts(np.array([0, 2, 0, 0, 0, 0, 0, 0]), steps=2)
     # expert 0: 1 x 0.5^2; expert 1: 2 uses x mean weight (1 - 0.25) / (2 x 0.5)
     np.testing.assert_allclose(lfu._score[:2], [0.25, 1.5])
+
+
+def test_a_prefill_is_learned_and_predicted_from_a_sample_as_from_all_its_tokens(monkeypatch):
+    import vllm_moe_offload.prefetch as prefetch
+    rng = np.random.default_rng(0)
+    tokens = 3000  # > MAX_TOKENS: the sampled path
+    # half of the tokens route to 0..3 and then, each with chance 0.1, to 8..11; the rest
+    # spread over 16..31 and then 32..63
+    first = np.where(rng.random((tokens, 1)) < 0.5, np.arange(4), rng.integers(16, 32, (tokens, 4)))
+    second = np.where((first < 4) & (rng.random((tokens, 4)) < 0.1), first + 8,
+                      rng.integers(32, 64, (tokens, 4)))
+    # 5% of a batch routes to 0..3: each of those tokens uses 8 with chance 0.1, so the batch
+    # (~150 of them) surely does, while the ~13 of them in a sample of 256 would use it only
+    # with chance 1 - 0.9^13 = 0.75, under the 0.95 threshold, were they not scaled to T
+    batch = np.where(rng.random((tokens, 1)) < 0.05, np.arange(4), 16)
+
+    def learn(max_tokens):
+        monkeypatch.setattr(prefetch, "MAX_TOKENS", max_tokens)
+        p = CorrelationPrefetcher(num_layers=2, num_experts=64, threshold=0.95)
+        p.observe(0, first)
+        p.observe(1, second)
+        return p
+    sample = prefetch.MAX_TOKENS
+    learned = learn(sample).transitions[0]
+    p = learn(tokens)
+    np.testing.assert_allclose(learned / learned.sum(), p.transitions[0] / p.transitions[0].sum(),
+                               atol=0.01)
+    exact = p.predict(0, batch, max_experts=64)
+    monkeypatch.setattr(prefetch, "MAX_TOKENS", sample)
+    sampled = p.predict(0, batch, max_experts=64)
+    assert set(exact) == set(range(8, 12)) | set(range(32, 64))
+    assert sorted(sampled) == sorted(exact)

@@ -21,6 +21,7 @@ Example:
         ready = cache.take_ready(layer)     # event the pass's kernels wait on (CUDA)
 """
 
+from collections.abc import Collection
 from dataclasses import replace
 
 import numpy as np
@@ -89,6 +90,10 @@ class ExpertCache:
     def resident(self, layer: int) -> dict[int, int]:
         """expert -> slot for `layer` (a copy)."""
         return dict(self._slot_of[layer])
+
+    def resident_experts(self, layer: int) -> Collection[int]:
+        """The experts `layer` holds (a live view: read it before the cache changes)."""
+        return self._slot_of[layer].keys()
 
     def free_slots(self, layer: int) -> int:
         return len(self._free[layer])

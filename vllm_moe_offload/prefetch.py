@@ -22,6 +22,14 @@ from collections.abc import Collection
 import numpy as np
 
 _PRIOR = 1e-3  # added to every transition count when predicting (not decayed with them)
+# The host runs this between a layer's kernels and the next layer's sync, on the step's
+# critical path: a prefill of thousands of tokens is learned from and predicted with an even
+# sample of this many, so its cost stays that of a decode batch.
+MAX_TOKENS = 256
+
+
+def _sample(n: int) -> np.ndarray | slice:
+    return slice(None) if n <= MAX_TOKENS else np.linspace(0, n - 1, MAX_TOKENS).astype(int)
 
 
 class CorrelationPrefetcher:
@@ -42,10 +50,10 @@ class CorrelationPrefetcher:
         if prev is not None and prev[0] == layer - 1 and prev[1].shape[0] == ids.shape[0]:
             table = self.transitions[layer - 1]
             table *= self.decay
-            k = ids.shape[1]
-            src = np.repeat(prev[1], k, axis=1).reshape(-1)  # each a_i paired with every b_j
-            dst = np.tile(ids, (1, prev[1].shape[1])).reshape(-1)
-            np.add.at(table, (src, dst), 1.0)
+            rows = _sample(ids.shape[0])
+            e = self.num_experts
+            pairs = prev[1][rows, :, None] * e + ids[rows, None, :]  # each a_i with every b_j
+            table += np.bincount(pairs.ravel(), minlength=e * e).reshape(e, e)
         self._previous = (layer, np.asarray(ids))
 
     def predict(self, layer: int, ids: np.ndarray, max_experts: int,
@@ -55,26 +63,33 @@ class CorrelationPrefetcher:
         those not resident whose chance beats the displaced expert's by `margin`."""
         if layer >= len(self.transitions) or max_experts <= 0:
             return []
-        table = self.transitions[layer] + _PRIOR  # the prior: no row divides by zero, ever
-        probs = table / table.sum(axis=1, keepdims=True)  # P(b | a) [E, E]
-        per_token = np.minimum(1.0, probs[ids].sum(axis=1))  # [T, E]
-        used = 1.0 - np.prod(1.0 - per_token, axis=0)  # [E] chance the batch uses b
+        sample = ids[_sample(ids.shape[0])]  # [S, K]
+        table = self.transitions[layer]
+        # the prior: no row divides by zero, ever
+        sums = table.sum(axis=1) + self.num_experts * _PRIOR
+        probs = (table[sample] + _PRIOR) / sums[sample][..., None]  # P(b | a_k) [S, K, E]
+        per_token = np.minimum(1.0, probs.sum(axis=1))  # [S, E]
+        # the sample's misses stand for all T tokens': (1 - p) multiplied over T tokens
+        log_miss = np.log1p(-np.minimum(per_token, 1.0 - 1e-12)).sum(axis=0)
+        used = 1.0 - np.exp(log_miss * (ids.shape[0] / len(sample)))  # [E]
         order = np.argsort(-used, kind="stable")
-        chosen = [int(b) for b in order if used[b] >= self.threshold]
+        chosen = order[used[order] >= self.threshold]
         if resident is None:
-            return chosen[:max_experts]
-        held = set(resident)
-        displaced = sorted(used[list(held)]) if held else []  # least likely first
-        kept = []
-        for b in (b for b in chosen if b not in held):
-            if len(kept) >= max_experts:
-                break
-            victim = len(kept) - free_slots
-            if victim >= 0 and (victim >= len(displaced)
-                                or used[b] < displaced[victim] + self.margin):
-                break
-            kept.append(b)
-        return kept
+            return chosen[:max_experts].tolist()
+        held = np.fromiter(resident, dtype=np.int64)
+        is_held = np.zeros(self.num_experts, dtype=bool)
+        is_held[held] = True
+        chosen = chosen[~is_held[chosen]][:max_experts]
+        displaced = np.sort(used[held])  # least likely first
+        # the i-th guess displaces the (i - free_slots)-th least likely resident, if any
+        victim = np.arange(len(chosen)) - free_slots
+        bar = np.full(len(chosen), -np.inf)
+        evicts = victim >= 0
+        bar[evicts] = np.inf  # nothing left to displace
+        has_victim = evicts & (victim < len(displaced))
+        bar[has_victim] = displaced[victim[has_victim]] + self.margin
+        fails = np.flatnonzero(used[chosen] < bar)
+        return chosen[:fails[0] if len(fails) else len(chosen)].tolist()
 
     def prefetch_next(self, cache, layer: int, ids: np.ndarray) -> None:
         """Learns layer `layer`'s transition from its routing [T, K] and loads the next
@@ -83,4 +98,4 @@ class CorrelationPrefetcher:
         nxt = layer + 1
         if nxt < len(cache.quotas):
             cache.prefetch(nxt, self.predict(layer, ids, cache.quotas[nxt],
-                                             cache.resident(nxt), cache.free_slots(nxt)))
+                                             cache.resident_experts(nxt), cache.free_slots(nxt)))
