@@ -64,11 +64,9 @@ class CorrelationPrefetcher:
         if layer >= len(self.transitions) or max_experts <= 0:
             return []
         sample = ids[_sample(ids.shape[0])]  # [S, K]
-        table = self.transitions[layer]
-        # the prior: no row divides by zero, ever
-        sums = table.sum(axis=1) + self.num_experts * _PRIOR
-        probs = (table[sample] + _PRIOR) / sums[sample][..., None]  # P(b | a_k) [S, K, E]
-        per_token = np.minimum(1.0, probs.sum(axis=1))  # [S, E]
+        table = self.transitions[layer] + _PRIOR  # the prior: no row divides by zero, ever
+        probs = table / table.sum(axis=1, keepdims=True)  # P(b | a) [E, E]
+        per_token = np.minimum(1.0, probs[sample].sum(axis=1))  # [S, E]
         # the sample's misses stand for all T tokens': (1 - p) multiplied over T tokens
         log_miss = np.log1p(-np.minimum(per_token, 1.0 - 1e-12)).sum(axis=0)
         used = 1.0 - np.exp(log_miss * (ids.shape[0] / len(sample)))  # [E]
