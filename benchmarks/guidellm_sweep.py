@@ -5,19 +5,23 @@ Systems (`--systems`, comma-separated), set up as bench_e2e.py's `engine_kwargs`
   stock            all weights on the GPU
   uva              vLLM's --cpu-offload-gb with --cpu-offload-params experts
   offload          --enable-expert-offload, cache_gb = BUDGET x the expert bytes
-  offload+eagle3   the same plus EAGLE-3 (--speculative-config, method eagle3)
+  offload+eagle3   the same plus EAGLE-3 (--speculative-config, method eagle3), k = --spec-tokens
+  offload+eagle3kN the same with N speculative tokens (the draft-length sweep)
 Per system: start the server, warm it up with one request, then per concurrency one guidellm
 run (synthetic prompts, /v1/completions, the model's local tokenizer, bounded in time),
 scraping /metrics before and after it for the expert-cache counters and, for spec systems,
 vLLM's spec-decode counters (mean acceptance length = 1 + accepted / drafts); stop the server
-(also on failure or SIGTERM). Writes guidellm_sweep.json (benchmarks.md's schema plus
+(also on failure or SIGTERM). With --side-by-side all servers start together, sharing the
+card (and the minutes of start-up), and are measured one system at a time. Writes
+guidellm_sweep.json (benchmarks.md's schema plus
 concurrency, ITL and acceptance length), guidellm_sweep.png, the raw guidellm JSON and server
 logs, and prints one table.
 
 usage:
   GPU: python benchmarks/guidellm_sweep.py --model qwen3-30b-a3b-fp8 [--draft DIR]
        (a preset name serves its config with --load-format dummy and a random draft; or give
-       checkpoint directories, e.g. written by `vllm-moe-offload make-model --draft`)
+       checkpoint directories, e.g. written by `vllm-moe-offload make-model --predictable
+       --draft DIR --draft-kind oracle --draft-miss-rate Q`, README "Sweeping acceptance")
   CPU: python benchmarks/guidellm_sweep.py --smoke   (tiny model, offload and offload+eagle3
        with the copy draft, one short point each; what CI runs)
 """
@@ -43,13 +47,25 @@ from vllm_moe_offload.checkpoint import PRESETS, hf_config, write_checkpoint
 from vllm_moe_offload.draft import write_draft
 from vllm_moe_offload.geometry import MoeGeometry
 from vllm_moe_offload.profiler import measure_h2d_gbps
-from vllm_moe_offload.server import free_port, running_server, serve_command
+from vllm_moe_offload.server import free_port, running_servers, serve_command
 from vllm_moe_offload.tokenizer import build_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 SYSTEMS = ("stock", "uva", "offload", "offload+eagle3")
 SERVED_NAME = "model"
 NUM_SPECULATIVE_TOKENS = 3
+
+
+def spec_tokens(system: str, default: int) -> int | None:
+    """Speculative tokens of a system name: offload+eagle3 -> default, offload+eagle3k5 -> 5,
+    None without EAGLE-3; SystemExit for a name outside SYSTEMS and their kN forms."""
+    match = re.fullmatch(r"offload\+eagle3(?:k([1-9]\d*))?", system)
+    if match:
+        return int(match[1]) if match[1] else default
+    if system not in SYSTEMS:
+        raise SystemExit(f"unknown system {system!r}; choose from {', '.join(SYSTEMS)} "
+                         "or offload+eagle3kN")
+    return None
 
 
 @dataclass(frozen=True)
@@ -69,18 +85,21 @@ SMOKE_SERVER = dict(max_model_len=512, gpu_memory_utilization=0.3, enforce_eager
 
 
 def server_kwargs(system: str, model: Path, draft: Path | None, budget: float,
-                  is_dummy: bool, is_smoke: bool) -> dict:
-    """vLLM engine arguments of one system, from bench_e2e.engine_kwargs."""
+                  is_dummy: bool, is_smoke: bool, k_default: int = NUM_SPECULATIVE_TOKENS,
+                  engines: int = 1) -> dict:
+    """vLLM engine arguments of one system, from bench_e2e.engine_kwargs; `engines` of them
+    share the card."""
     percent = round(budget * 100)
     base = {"stock": "stock", "uva": f"uva{percent}"}.get(system, f"offload{percent}")
-    kw = engine_kwargs(base, model, expert_gib(model))
+    kw = engine_kwargs(base, model, expert_gib(model), engines)
     kw.pop("skip_tokenizer_init")  # guidellm sends text
     kw["load_format"] = "dummy" if is_dummy else None
     if is_smoke:
         kw.update(SMOKE_SERVER)
-    if system == "offload+eagle3":
+    k = spec_tokens(system, k_default)
+    if k:
         kw["speculative_config"] = {"method": "eagle3", "model": str(draft),
-                                    "num_speculative_tokens": NUM_SPECULATIVE_TOKENS}
+                                    "num_speculative_tokens": k}
     return kw
 
 
@@ -148,6 +167,7 @@ def result_row(report: dict, before: dict, after: dict) -> dict:
 
     output_tokens = metrics["output_token_count"]["successful"]["total_sum"]
     hits, misses = delta("moe_offload_expert_hits_total"), delta("moe_offload_expert_misses_total")
+    layer_steps = delta("moe_offload_layer_steps_total")
     drafts = delta("vllm:spec_decode_num_drafts_total")
     return dict(
         tok_s=round(output_tokens / bench["duration"], 2),
@@ -161,36 +181,64 @@ def result_row(report: dict, before: dict, after: dict) -> dict:
                          if hits + misses and output_tokens else None),
         mean_acceptance_length=(round(1 + delta("vllm:spec_decode_num_accepted_tokens_total")
                                       / drafts, 3) if drafts else None),
+        # the experts a layer step touches: what speculation widens (n (k + 1) tokens route)
+        unique_experts_per_layer_step=(round((hits + misses) / layer_steps, 2)
+                                       if layer_steps else None),
         requests_ok=state["successful_requests"], requests_err=state["errored_requests"],
         # not measured by this harness (bench_e2e and the planner cover them)
         stall_ms_per_step=None, bound_tok_s=None, efficiency=None,
     )
 
 
-def sweep_system(system: str, args, model: Path, draft: Path | None, load: Load,
-                 raw: Path) -> list[dict]:
+@dataclass(frozen=True)
+class Server:
+    system: str
+    cmd: list[str]
+    url: str
+    log: Path
+    env: dict
+
+
+def server_for(system: str, args, model: Path, draft: Path | None, raw: Path,
+               engines: int = 1) -> Server:
     kwargs = server_kwargs(system, model, draft, args.budget, args.load_format == "dummy",
-                           args.smoke)
+                           args.smoke, args.spec_tokens, engines)
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
     prometheus_dir = Path(tempfile.mkdtemp(prefix="prometheus-", dir=raw))
-    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(prometheus_dir))
-    log = raw / f"serve-{system}.log"
+    return Server(system, serve_command(model, SERVED_NAME, port, cli_flags(kwargs)),
+                  f"http://127.0.0.1:{port}", raw / f"serve-{system}.log",
+                  dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(prometheus_dir)))
+
+
+def measure(server: Server, args, model: Path, load: Load, raw: Path) -> list[dict]:
+    """The load points of one running server."""
+    url, system, rows = server.url, server.system, []
+    requests.post(f"{url}/v1/completions", timeout=600, json={
+        "model": SERVED_NAME, "prompt": "warm up", "max_tokens": 8}).raise_for_status()
+    for concurrency in load.concurrencies:
+        out = raw / f"guidellm-{system}-c{concurrency}.json"
+        before = scrape(url)
+        subprocess.run(guidellm_command(url, model, load, concurrency, out), check=True,
+                       timeout=load.seconds + 600)
+        row = result_row(json.loads(out.read_text()), before, scrape(url))
+        rows.append(dict(system=system, scenario="sweep", budget=args.budget,
+                         concurrency=concurrency, prompt=load.prompt_tokens,
+                         out=load.output_tokens, spec_tokens=spec_tokens(system, args.spec_tokens),
+                         **row))
+        print("RESULT", json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def sweep(args, model: Path, draft: Path | None, load: Load, raw: Path) -> list[dict]:
+    """One server at a time, or (--side-by-side) all at once, measured one after another."""
+    groups = [args.systems] if args.side_by_side else [[s] for s in args.systems]
     rows = []
-    cmd = serve_command(model, SERVED_NAME, port, cli_flags(kwargs))
-    with running_server(cmd, url, log, env, args.start_timeout):
-        requests.post(f"{url}/v1/completions", timeout=600, json={
-            "model": SERVED_NAME, "prompt": "warm up", "max_tokens": 8}).raise_for_status()
-        for concurrency in load.concurrencies:
-            out = raw / f"guidellm-{system}-c{concurrency}.json"
-            before = scrape(url)
-            subprocess.run(guidellm_command(url, model, load, concurrency, out), check=True,
-                           timeout=load.seconds + 600)
-            row = result_row(json.loads(out.read_text()), before, scrape(url))
-            rows.append(dict(system=system, scenario="sweep", budget=args.budget,
-                             concurrency=concurrency, prompt=load.prompt_tokens,
-                             out=load.output_tokens, **row))
-            print("RESULT", json.dumps(rows[-1]), flush=True)
+    for group in groups:
+        servers = [server_for(s, args, model, draft, raw, len(group)) for s in group]
+        with running_servers([(s.cmd, s.url, s.log, s.env) for s in servers],
+                             args.start_timeout):
+            for server in servers:
+                rows += measure(server, args, model, load, raw)
     return rows
 
 
@@ -209,7 +257,7 @@ def prepare_models(args, work: Path) -> tuple[Path, Path | None]:
         build_tokenizer(model, config["vocab_size"])
         args.load_format = "dummy"
     draft = Path(args.draft) if args.draft else None
-    if draft is None and "offload+eagle3" in args.systems:
+    if draft is None and any(spec_tokens(s, 1) for s in args.systems):
         draft = write_draft(work / "draft", model, kind="random", progress=False)
     return model, draft
 
@@ -231,13 +279,15 @@ def metadata(model: Path, args) -> dict:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'system':>15} {'conc':>4} {'tok/s':>9} {'ITL p50':>8} {'ITL p99':>8} "
-          f"{'TTFT p50':>9} {'hit':>6} {'accept len':>10} {'ok/err':>7}")
+    print(f"{'system':>17} {'conc':>4} {'tok/s':>9} {'ITL p50':>8} {'ITL p99':>8} "
+          f"{'TTFT p50':>9} {'hit':>6} {'uniq/step':>9} {'accept len':>10} {'ok/err':>7}")
     for r in rows:
         accept = r["mean_acceptance_length"]
-        print(f"{r['system']:>15} {r['concurrency']:>4} {r['tok_s']:>9.1f} "
+        unique = r["unique_experts_per_layer_step"]
+        print(f"{r['system']:>17} {r['concurrency']:>4} {r['tok_s']:>9.1f} "
               f"{r['itl_ms_p50']:>8.1f} {r['itl_ms_p99']:>8.1f} {r['ttft_ms_p50']:>9.1f} "
               f"{r['hit_rate'] if r['hit_rate'] is not None else '-':>6} "
+              f"{unique if unique is not None else '-':>9} "
               f"{accept if accept is not None else '-':>10} "
               f"{r['requests_ok']:>3}/{r['requests_err']}")
 
@@ -284,6 +334,11 @@ def main() -> None:
     parser.add_argument("--systems", default=None,
                         help=f"comma-separated, of {','.join(SYSTEMS)} (default: all; smoke: "
                              "offload,offload+eagle3)")
+    parser.add_argument("--spec-tokens", type=int, default=NUM_SPECULATIVE_TOKENS,
+                        help="num_speculative_tokens of offload+eagle3 (default 3)")
+    parser.add_argument("--side-by-side", action="store_true",
+                        help="start every system's server at once (they must fit the card "
+                             "together), then measure them one at a time")
     parser.add_argument("--budget", type=float, default=0.25,
                         help="share of the expert bytes on the GPU for uva and offload")
     parser.add_argument("--concurrency", default=None, help="comma-separated (default 1,8,32,64)")
@@ -297,9 +352,8 @@ def main() -> None:
         parser.error("give --model (a preset name or a checkpoint directory) or --smoke")
     default_systems = "offload,offload+eagle3" if args.smoke else ",".join(SYSTEMS)
     args.systems = (args.systems or default_systems).split(",")
-    unknown = set(args.systems) - set(SYSTEMS)
-    if unknown:
-        parser.error(f"unknown systems {sorted(unknown)}; choose from {SYSTEMS}")
+    for system in args.systems:
+        spec_tokens(system, args.spec_tokens)  # a bad name fails here, before any server
     load = SMOKE if args.smoke else FULL
     load = Load(load.prompt_tokens, load.output_tokens,
                 tuple(map(int, args.concurrency.split(","))) if args.concurrency
@@ -311,8 +365,7 @@ def main() -> None:
     raw = out / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     model, draft = prepare_models(args, raw)
-    rows = [row for system in args.systems
-            for row in sweep_system(system, args, model, draft, load, raw)]
+    rows = sweep(args, model, draft, load, raw)
     result = dict(metadata(model, args), load=asdict(load), rows=rows)
     (out / "guidellm_sweep.json").write_text(json.dumps(result, indent=2))
     plot(rows, out / "guidellm_sweep.png",

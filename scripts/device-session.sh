@@ -17,6 +17,11 @@
 #             or the concurrency sweep: e2e "offload25" n1,n4,n8,n16,n32,n64,n128
 #   plan    : `vllm-moe-offload plan` on the card (its profile: h2d, GEMM against tokens, the
 #             host-synced layer step's fixed cost) -> plan.json, for planner_check.py
+#   walk    : the full-size --predictable target and its oracle EAGLE-3 draft (miss rate 0.3)
+#             in /root (once per lease), then greedy equality of offload25+EAGLE-3 against stock
+#             with CUDA graphs (tests/e2e/test_full_size.py -k eagle3)
+#   guidellm "SYSTEMS" CONCURRENCIES [SECONDS]: benchmarks/guidellm_sweep.py --side-by-side on
+#             that target, uniform routing, e.g. guidellm "offload,offload+eagle3" 1,8,32,64 20
 #   serve   : `vllm serve --enable-expert-offload` answers a chat
 set -uo pipefail
 out=${OUT:-/tmp/out}; mkdir -p "$out"
@@ -67,6 +72,26 @@ e2e)
   for system in "${systems[@]}"; do
     echo "== $system"; grep -E "RESULT|Error|error:|engine start" "$out/e2e-${system//+/_}.log" | cut -c1-400 | tail -6
   done ;;
+walk)
+  with_vllm
+  [ -f /root/walk/model.safetensors.index.json ] || python3 -m vllm_moe_offload make-model \
+    /root/walk --preset qwen3-30b-a3b-fp8 --predictable --draft /root/walk-draft \
+    --draft-kind oracle --draft-miss-rate 0.3 2>&1 | tail -1
+  python3 -m pip install -q --no-index --find-links .devicekit/wheels pytest 2>/dev/null
+  MOE_OFFLOAD_FULL_SIZE_MODEL=/root/walk MOE_OFFLOAD_FULL_SIZE_DRAFT=/root/walk-draft \
+    timeout 480 python3 -m pytest -q -rs -p no:cacheprovider --basetemp=/root/walk-test \
+    tests/e2e/test_full_size.py -k eagle3 2>&1 | tee "$out/pytest-walk.log" | tail -12
+  find /root/walk-test -name "run_llm-*.out.json" | while read -r f; do
+    cp "$f" "$out/walk-$(basename "$(dirname "$f")").json"; done ;;
+guidellm)
+  with_vllm
+  dir=/root/guidellm-$(date +%s)
+  VLLM_MOE_ROUTING_SIMULATION_STRATEGY=uniform_random python3 benchmarks/guidellm_sweep.py \
+    --model /root/walk --draft /root/walk-draft --systems "$2" --concurrency "$3" \
+    --seconds "${4:-20}" --side-by-side --out "$dir" > "$out/guidellm.log" 2>&1
+  tail -22 "$out/guidellm.log"
+  cp "$dir"/guidellm_sweep.json "$dir"/guidellm_sweep.png "$out/" 2>/dev/null
+  tar -C "$dir/raw" -cJf "$out/serve-logs.tar.xz" $(cd "$dir/raw" && ls serve-*.log) ;;
 plan)
   with_vllm
   python3 -m vllm_moe_offload plan qwen3-30b-a3b-fp8 --out "$out/plan.json" 2>&1 | grep -v -i warn | tail -12 ;;

@@ -70,3 +70,12 @@ def test_planner_check_charges_the_sync_to_synced_runs_only_and_checks_the_recom
     assert run["recommended_share_of_best"] == 0.8 and run["within_best_10pct"] is False
     run = check_run(sweep_run("offload25", {1: 10.0, 8: 100.0, 64: 95.0}), base, geometry, 0.0)
     assert run["within_best_10pct"] is True
+
+
+def test_sweep_systems_name_their_draft_length():
+    from guidellm_sweep import spec_tokens
+    assert spec_tokens("offload+eagle3", 3) == 3 and spec_tokens("offload+eagle3k5", 3) == 5
+    assert spec_tokens("offload", 3) is None and spec_tokens("stock", 3) is None
+    for bad in ("offload+eagle3k0", "offload+eagle3k", "offload+eagle", "uva+eagle3k2"):
+        with pytest.raises(SystemExit, match="unknown system"):
+            spec_tokens(bad, 3)

@@ -8,7 +8,7 @@ import textwrap
 import pytest
 import requests
 
-from vllm_moe_offload.server import free_port, running_server
+from vllm_moe_offload.server import free_port, running_server, running_servers
 
 # Serves /health and leaves a SIGTERM-proof child in its process group.
 FAKE_SERVER = textwrap.dedent("""
@@ -54,3 +54,18 @@ def test_a_server_that_dies_at_start_is_reported(tmp_path):
         with running_server(cmd, f"http://127.0.0.1:{port}", tmp_path / "log",
                             dict(os.environ), timeout_s=30):
             pass
+
+
+def test_servers_side_by_side_are_all_stopped_when_one_dies_at_start(tmp_path):
+    port, child_pid_file = free_port(), tmp_path / "child.pid"
+    good = [sys.executable, "-c", FAKE_SERVER, str(port), str(child_pid_file)]
+    bad = [sys.executable, "-c", "import sys, time; time.sleep(2); sys.exit(3)"]
+    servers = [(good, f"http://127.0.0.1:{port}", tmp_path / "good.log", dict(os.environ)),
+               (bad, f"http://127.0.0.1:{free_port()}", tmp_path / "bad.log", dict(os.environ))]
+    with pytest.raises(RuntimeError, match="exited with 3"):
+        with running_servers(servers, timeout_s=30, grace_s=1):
+            pass
+    child = int(child_pid_file.read_text())  # the good one had started, child and all
+    assert not _alive(child)
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{port}/health", timeout=5)

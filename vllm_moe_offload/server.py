@@ -44,21 +44,35 @@ def running_server(cmd: list[str], url: str, log: Path, env: dict, timeout_s: fl
                    grace_s: float = 60):
     """Starts `cmd` in a new process group (stdout and stderr to `log`), yields the process
     once `url`/health answers 200, and on exit, error or not, stops the whole group."""
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+    with running_servers([(cmd, url, log, env)], timeout_s, grace_s) as procs:
+        yield procs[0]
+
+
+@contextmanager
+def running_servers(servers: list[tuple[list[str], str, Path, dict]], timeout_s: float = 900,
+                    grace_s: float = 60):
+    """`running_server` for several (cmd, url, log, env) at once: all start together (their
+    minutes of start-up overlap), the processes are yielded once every one is healthy, and
+    all groups are stopped on exit."""
+    procs = []
     try:
+        for cmd, _, log, env in servers:
+            with open(log, "w") as f:
+                procs.append(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
+                                              start_new_session=True))
         deadline = time.monotonic() + timeout_s
-        while not _is_healthy(url):
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}; see {log}:\n"
-                                   + log.read_text()[-3000:])
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"server not healthy after {timeout_s:.0f} s; see {log}")
-            time.sleep(1)
-        yield proc
+        for proc, (_, url, log, _) in zip(procs, servers, strict=True):
+            while not _is_healthy(url):
+                if proc.poll() is not None:
+                    raise RuntimeError(f"server exited with {proc.returncode}; see {log}:\n"
+                                       + log.read_text()[-3000:])
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"server not healthy after {timeout_s:.0f} s; see {log}")
+                time.sleep(1)
+        yield procs
     finally:
-        stop_group(proc, grace_s)
+        for proc in procs:
+            stop_group(proc, grace_s)
 
 
 def _is_healthy(url: str) -> bool:

@@ -1,5 +1,6 @@
 """The guidellm sweep's CPU smoke mode: one short load point against `vllm serve
---enable-expert-offload`, with and without EAGLE-3; rows parse, servers are gone afterwards."""
+--enable-expert-offload`, with and without EAGLE-3, the two servers side by side; rows parse,
+servers are gone afterwards."""
 
 import json
 import os
@@ -31,7 +32,7 @@ def processes_mentioning(text: str) -> list[str]:
 def test_smoke_sweep(tmp_path):
     out = tmp_path / "sweep"
     proc = subprocess.run([sys.executable, "benchmarks/guidellm_sweep.py", "--smoke",
-                           "--out", str(out)], cwd=REPO, env=engine_env(),
+                           "--side-by-side", "--out", str(out)], cwd=REPO, env=engine_env(),
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert not processes_mentioning(str(out)), "a server outlived the sweep"
@@ -43,9 +44,10 @@ def test_smoke_sweep(tmp_path):
         assert row["requests_ok"] > 0 and row["requests_err"] == 0
         assert row["tok_s"] > 0 and 0 < row["itl_ms_p50"] <= row["itl_ms_p99"]
         assert row["ttft_ms_p50"] > 0 and 0 < row["hit_rate"] < 1
-        assert row["pcie_gb_per_tok"] > 0
+        assert row["pcie_gb_per_tok"] > 0 and row["unique_experts_per_layer_step"] > 0
     assert rows["offload"]["mean_acceptance_length"] is None
     assert rows["offload+eagle3"]["mean_acceptance_length"] >= 1
+    assert (rows["offload"]["spec_tokens"], rows["offload+eagle3"]["spec_tokens"]) == (None, 3)
     assert result["card"] and result["vllm"] and result["commit"]
     assert (out / "raw" / "guidellm-offload-c2.json").exists()
     assert (out / "guidellm_sweep.png").stat().st_size > 0  # matplotlib: the bench extra
