@@ -6,7 +6,9 @@ kernel benchmark (CUDA-graph replays), the non-MoE time per layer (attention, de
 router) from the stock run: stock TPOT / layers - GEMM time, at n = 1 (fixed part) and
 n = 64 (per-sequence slope), and, for host-synced systems, the fixed cost of one synced layer
 step that `vllm-moe-offload plan` measured on the same card (--profile; its
-`layer_overhead_ms`). Zero-copy systems (+zerocopy) never sync, so they get no such cost.
+`layer_overhead_ms`) and, as the synced step runs eagerly between CUDA-graph pieces, its
+eager GEMM times (`gemm_ms`) in place of the graph replays. Zero-copy systems (+zerocopy) run
+whole decode steps in graphs and never sync, so they keep the replays and get no such cost.
 
 Rows: every lat, thr and nN scenario of the offload runs. For a run with a concurrency sweep
 (nN scenarios) it also checks the planner's recommended --max-num-seqs: the n of highest
@@ -29,13 +31,12 @@ from vllm_moe_offload.profiler import HardwareProfile
 WITHIN_BEST = 0.9  # issue 4: the recommended n measures within 10% of the sweep's best
 
 
-def synced_overhead_ms(path: str | None) -> float:
-    """The measured fixed cost of one host-synced layer step, from a `plan --out` JSON (or a
-    bare HardwareProfile JSON); 0 without one."""
+def synced_profile(path: str | None) -> HardwareProfile | None:
+    """The card's measured profile (a `plan --out` JSON or a bare HardwareProfile JSON)."""
     if not path:
-        return 0.0
+        return None
     raw = json.loads(Path(path).read_text())
-    return float(raw.get("profile", raw)["layer_overhead_ms"])
+    return HardwareProfile.from_json(json.dumps(raw.get("profile", raw)))
 
 
 def base_profile(kernels: dict, stock_rows: dict, layers: int) -> HardwareProfile:
@@ -47,14 +48,19 @@ def base_profile(kernels: dict, stock_rows: dict, layers: int) -> HardwareProfil
     return replace(profile, layer_overhead_ms=rest[1] - per_seq, attention_ms_per_seq=per_seq)
 
 
-def check_run(run: dict, base: HardwareProfile, geometry, sync_ms: float) -> dict:
-    """Predicted against measured rows of one offload run, and its sweep's recommendation."""
+def check_run(run: dict, base: HardwareProfile, geometry,
+              synced_card: HardwareProfile | None = None) -> dict:
+    """Predicted against measured rows of one offload run, and its sweep's recommendation;
+    `synced_card` (the card's measured profile) prices the host-synced steps."""
     rows = [r for r in run["rows"] if r["scenario"] in ("lat", "thr")
             or r["scenario"].startswith("n")]
     system = rows[0]["system"] if rows else "?"
     synced = "zerocopy" not in system
-    profile = replace(base, h2d_gbps=run["bw_h2d_gbs"],
-                      layer_overhead_ms=base.layer_overhead_ms + (sync_ms if synced else 0.0))
+    profile = replace(base, h2d_gbps=run["bw_h2d_gbs"])
+    sync_ms = synced_card.layer_overhead_ms if synced and synced_card else 0.0
+    if sync_ms:
+        profile = replace(profile, gemm_ms=synced_card.gemm_ms,
+                          layer_overhead_ms=base.layer_overhead_ms + sync_ms)
     out = []
     for measured in rows:
         predicted = solve(profile, geometry, measured["budget"], n_values=(measured["n"],))[0]
@@ -63,7 +69,8 @@ def check_run(run: dict, base: HardwareProfile, geometry, sync_ms: float) -> dic
                         measured_tok_s=measured["tok_s"],
                         error=round(predicted.tok_s / measured["tok_s"] - 1, 3)))
     result = dict(system=system, mode="synced" if synced else "zero-copy",
-                  h2d_gbps=profile.h2d_gbps, sync_overhead_ms=sync_ms if synced else 0.0,
+                  h2d_gbps=profile.h2d_gbps, sync_overhead_ms=sync_ms,
+                  gemm=("eager (--profile)" if sync_ms else "graph replays (--kernels)"),
                   rows=out)
     sweep = {r["n"]: r["measured_tok_s"] for r in out if r["scenario"].startswith("n")}
     if len(sweep) > 1:
@@ -90,14 +97,15 @@ def main() -> None:
     kernels = json.loads(Path(args.kernels).read_text())
     stock = {r["scenario"]: r for r in json.loads(Path(args.stock).read_text())["rows"]}
     base = base_profile(kernels, stock, geometry.num_moe_layers)
-    sync_ms = synced_overhead_ms(args.profile)
-    runs = [check_run(json.loads(Path(f).read_text()), base, geometry, sync_ms)
+    card = synced_profile(args.profile)
+    runs = [check_run(json.loads(Path(f).read_text()), base, geometry, card)
             for f in args.offload]
     report = dict(card=kernels["card"], profile=json.loads(base.to_json()), runs=runs)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"non-MoE {base.layer_overhead_ms:.3f} ms per layer + "
-          f"{base.attention_ms_per_seq * 1e3:.2f} us per sequence; synced step +{sync_ms:.3f} ms")
+          f"{base.attention_ms_per_seq * 1e3:.2f} us per sequence; synced step "
+          f"+{card.layer_overhead_ms if card else 0.0:.3f} ms")
     print(f"{'system':<20} {'scenario':<8} {'budget':>6} {'n':>4} {'predicted':>10} "
           f"{'measured':>9} {'error':>7}")
     for run in runs:
