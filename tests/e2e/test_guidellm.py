@@ -43,6 +43,7 @@ def test_smoke_sweep(tmp_path):
         assert row["scenario"] == "sweep" and row["concurrency"] == 2
         assert row["requests_ok"] > 0 and row["requests_err"] == 0
         assert row["tok_s"] > 0 and 0 < row["itl_ms_p50"] <= row["itl_ms_p99"]
+        assert row["stream_tok_s"] > 0 and row["waves"] > 0
         assert row["ttft_ms_p50"] > 0 and 0 < row["hit_rate"] < 1
         assert row["pcie_gb_per_tok"] > 0 and row["unique_experts_per_layer_step"] > 0
     assert rows["offload"]["mean_acceptance_length"] is None
