@@ -73,14 +73,15 @@ class Load:
     prompt_tokens: int
     output_tokens: int
     concurrencies: tuple[int, ...]
-    seconds: float  # per point; guidellm stops sending after it
-    max_requests: int | None
+    seconds: float  # per point at most; guidellm stops sending after it
+    waves: int  # per point, each stream sends this many requests (then the point ends)
 
 
-# A point must outlast a request by a few times: at a 25% budget a 128-token request takes
-# ~52 s at concurrency 32 on an H200, so a 20-s window finished none and 100 s one wave.
-FULL = Load(256, 128, (1, 8, 32, 64), 180, None)
-SMOKE = Load(32, 16, (2,), 10, 12)
+# A point ends after `waves` requests a stream, so fast systems take seconds and slow ones
+# still finish whole requests: at a 25% budget a 128-token request takes ~52 s at concurrency
+# 32 on an H200, where a 20-s window finished none. `seconds` only bounds a point.
+FULL = Load(256, 128, (1, 8, 32, 64), 300, 2)
+SMOKE = Load(32, 16, (2,), 10, 6)
 # CPU (smoke) servers: small and eager, as the e2e tests run them.
 SMOKE_SERVER = dict(max_model_len=512, gpu_memory_utilization=0.3, enforce_eager=True,
                     dtype="bfloat16", kv_cache_memory_bytes=None, max_num_seqs=16)
@@ -149,9 +150,8 @@ def guidellm_command(url: str, tokenizer: Path, load: Load, concurrency: int,
                      f"output_tokens={load.output_tokens}",
            "--profile", f"kind=concurrent,streams={concurrency}",
            "--constraint", f"kind=max_duration,seconds={load.seconds}",
+           "--constraint", f"kind=max_requests,count={load.waves * concurrency}",
            "--output", f"kind=json,path={out}", "--disable-console-interactive"]
-    if load.max_requests:
-        cmd += ["--constraint", f"kind=max_requests,count={load.max_requests}"]
     return cmd
 
 
@@ -358,7 +358,10 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=0.25,
                         help="share of the expert bytes on the GPU for uva and offload")
     parser.add_argument("--concurrency", default=None, help="comma-separated (default 1,8,32,64)")
-    parser.add_argument("--seconds", type=float, default=None, help="time per point")
+    parser.add_argument("--seconds", type=float, default=None, help="time per point, at most "
+                        "(default 300)")
+    parser.add_argument("--waves", type=int, default=None,
+                        help="requests per stream per point (default 2)")
     parser.add_argument("--load-format", default=None, help="e.g. dummy (default: vLLM's)")
     parser.add_argument("--start-timeout", type=float, default=900, help="server start, s")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "guidellm_sweep"),
@@ -373,7 +376,7 @@ def main() -> None:
     load = SMOKE if args.smoke else FULL
     load = Load(load.prompt_tokens, load.output_tokens,
                 tuple(map(int, args.concurrency.split(","))) if args.concurrency
-                else load.concurrencies, args.seconds or load.seconds, load.max_requests)
+                else load.concurrencies, args.seconds or load.seconds, args.waves or load.waves)
     # SIGTERM (a CI timeout) must still run the `finally` that stops the server.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 

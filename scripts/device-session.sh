@@ -21,7 +21,8 @@
 #             in /root (once per lease), then greedy equality of offload25+EAGLE-3 against stock
 #             with CUDA graphs (tests/e2e/test_full_size.py -k eagle3)
 #   guidellm "SYSTEMS" CONCURRENCIES [SECONDS]: benchmarks/guidellm_sweep.py --side-by-side on
-#             that target, uniform routing, e.g. guidellm "offload,offload+eagle3" 1,8,32,64 20
+#             that target, uniform routing, 2 requests a stream per point (SECONDS bounds a
+#             point, default 300), e.g. guidellm "offload,offload+eagle3" 1,8,32,64
 #   serve   : `vllm serve --enable-expert-offload` answers a chat
 set -uo pipefail
 out=${OUT:-/tmp/out}; mkdir -p "$out"
@@ -88,7 +89,7 @@ guidellm)
   dir=/root/guidellm-$(date +%s)
   VLLM_MOE_ROUTING_SIMULATION_STRATEGY=uniform_random python3 benchmarks/guidellm_sweep.py \
     --model /root/walk --draft /root/walk-draft --systems "$2" --concurrency "$3" \
-    --seconds "${4:-20}" --side-by-side --out "$dir" > "$out/guidellm.log" 2>&1
+    --seconds "${4:-300}" --side-by-side --out "$dir" > "$out/guidellm.log" 2>&1
   tail -22 "$out/guidellm.log"
   cp "$dir"/guidellm_sweep.json "$dir"/guidellm_sweep.png "$out/" 2>/dev/null
   tar -C "$dir/raw" -cJf "$out/serve-logs.tar.xz" $(cd "$dir/raw" && ls serve-*.log) ;;
