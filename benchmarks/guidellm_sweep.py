@@ -74,7 +74,7 @@ class Load:
     output_tokens: int
     concurrencies: tuple[int, ...]
     seconds: float  # per point at most; guidellm stops sending after it
-    waves: int  # per point, each stream sends this many requests (then the point ends)
+    waves: int  # per point: guidellm's max_requests = waves x concurrency (then it ends)
 
 
 # A point ends after `waves` requests a stream, so fast systems take seconds and slow ones
@@ -371,6 +371,11 @@ def main() -> None:
         parser.error("give --model (a preset name or a checkpoint directory) or --smoke")
     default_systems = "offload,offload+eagle3" if args.smoke else ",".join(SYSTEMS)
     args.systems = (args.systems or default_systems).split(",")
+    if args.spec_tokens < 1:
+        parser.error(f"--spec-tokens must be >= 1, got {args.spec_tokens}")
+    if len(set(args.systems)) != len(args.systems):
+        parser.error(f"a system is named twice in --systems {','.join(args.systems)} (their "
+                     "logs and reports would overwrite each other)")
     for system in args.systems:
         spec_tokens(system, args.spec_tokens)  # a bad name fails here, before any server
     load = SMOKE if args.smoke else FULL

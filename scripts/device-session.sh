@@ -75,7 +75,8 @@ e2e)
   done ;;
 walk)
   with_vllm
-  [ -f /root/walk/model.safetensors.index.json ] || python3 -m vllm_moe_offload make-model \
+  [ -f /root/walk/model.safetensors.index.json ] && [ -f /root/walk-draft/model.safetensors ] || \
+    python3 -m vllm_moe_offload make-model \
     /root/walk --preset qwen3-30b-a3b-fp8 --predictable --draft /root/walk-draft \
     --draft-kind oracle --draft-miss-rate 0.3 2>&1 | tail -1
   python3 -m pip install -q --no-index --find-links .devicekit/wheels pytest 2>/dev/null

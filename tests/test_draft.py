@@ -183,7 +183,11 @@ def test_oracle_needs_a_predictable_target(tmp_path):
         write_draft(tmp_path / "d", target_dir, kind="oracle", progress=False)
     with pytest.raises(ValueError, match="miss rate"):
         write_draft(tmp_path / "d", target_dir, kind="copy", miss_rate=0.5, progress=False)
-    with pytest.raises(SystemExit):
-        main(["make-model", str(tmp_path / "t2"), "--draft", str(tmp_path / "d2"),
-              "--draft-kind", "oracle"])
-    assert not (tmp_path / "t2").exists()
+    for flags in (["--draft", str(tmp_path / "d2"), "--draft-kind", "oracle"],
+                  ["--predictable", "--draft", str(tmp_path / "d2"), "--draft-miss-rate", "0.3"],
+                  ["--predictable", "--draft-kind", "oracle", "--draft-miss-rate", "0.3"],
+                  ["--predictable", "--draft", str(tmp_path / "d2"), "--draft-kind", "oracle",
+                   "--draft-miss-rate", "1.5"]):
+        with pytest.raises(SystemExit):
+            main(["make-model", str(tmp_path / "t2"), *flags])
+        assert not (tmp_path / "t2").exists()  # refused before the target is written

@@ -131,8 +131,13 @@ def main(argv: list[str] | None = None) -> None:
                       help="time of one draft forward per step, ms (default 0)")
     plan.add_argument("--out", default=None, help="write the plan as JSON")
     args = parser.parse_args(argv)
-    if args.command == "make-model" and args.draft_kind == "oracle" and not args.predictable:
-        parser.error("--draft-kind oracle needs --predictable")  # before a 31 GB write
+    if args.command == "make-model":  # the flags are checked before a 31 GB write
+        if args.draft_kind == "oracle" and not args.predictable:
+            parser.error("--draft-kind oracle needs --predictable")
+        if args.draft_miss_rate and (args.draft_kind != "oracle" or not args.draft):
+            parser.error("--draft-miss-rate applies to --draft DIR --draft-kind oracle only")
+        if not 0.0 <= args.draft_miss_rate <= 1.0:
+            parser.error(f"--draft-miss-rate must be in [0, 1], got {args.draft_miss_rate}")
     if args.command == "plan":
         from vllm_moe_offload.plan_cli import run_plan
         run_plan(args)

@@ -2,7 +2,9 @@
 
 Online first-order statistics (Klotski's correlation idea): transitions[l][a, b] counts
 tokens routed to expert a at layer l and to b at layer l+1, decayed by `decay` per update so
-the table follows drifting traffic. For a batch routed at layer l, a token's chance to use b
+the table follows drifting traffic; a step of more than MAX_TOKENS tokens (a prefill) adds an
+even sample of that many, so it weighs no more than a large decode batch. For a batch routed
+at layer l, a token's chance to use b
 at l+1 is estimated as min(1, sum_k P(b | a_k)) with P(b | a) = transitions[a, b] / row sum,
 and the batch uses b unless every token misses it. Experts whose chance reaches `threshold`
 are predicted, most likely first, at most `max_experts` of them; below the threshold a guess
@@ -61,7 +63,7 @@ class CorrelationPrefetcher:
         """Experts layer+1 is likely to route to, given layer `layer`'s routing [T, K]. With
         `resident` (the experts layer+1 holds; `free_slots` more fit without eviction) only
         those not resident whose chance beats the displaced expert's by `margin`."""
-        if layer >= len(self.transitions) or max_experts <= 0:
+        if layer >= len(self.transitions) or max_experts <= 0 or len(ids) == 0:
             return []
         sample = ids[_sample(ids.shape[0])]  # [S, K]
         table = self.transitions[layer] + _PRIOR  # the prior: no row divides by zero, ever

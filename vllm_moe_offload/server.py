@@ -61,13 +61,21 @@ def running_servers(servers: list[tuple[list[str], str, Path, dict]], timeout_s:
                 procs.append(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
                                               start_new_session=True))
         deadline = time.monotonic() + timeout_s
-        for proc, (_, url, log, _) in zip(procs, servers, strict=True):
-            while not _is_healthy(url):
-                if proc.poll() is not None:
-                    raise RuntimeError(f"server exited with {proc.returncode}; see {log}:\n"
+        # every second, each server not yet healthy: one that dies is reported at once,
+        # whichever of them is slow to start
+        pending = set(range(len(procs)))
+        while pending:
+            for i in sorted(pending):
+                _, url, log, _ = servers[i]
+                if procs[i].poll() is not None:
+                    raise RuntimeError(f"server exited with {procs[i].returncode}; see {log}:\n"
                                        + log.read_text()[-3000:])
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"server not healthy after {timeout_s:.0f} s; see {log}")
+                if _is_healthy(url):
+                    pending.discard(i)
+            if pending and time.monotonic() > deadline:
+                logs = ", ".join(str(servers[i][2]) for i in sorted(pending))
+                raise TimeoutError(f"server not healthy after {timeout_s:.0f} s; see {logs}")
+            if pending:
                 time.sleep(1)
         yield procs
     finally:
