@@ -82,3 +82,24 @@ def test_sweep_systems_name_their_draft_length():
     for bad in ("offload+eagle3k0", "offload+eagle3k", "offload+eagle", "uva+eagle3k2"):
         with pytest.raises(SystemExit, match="unknown system"):
             spec_tokens(bad, 3)
+
+
+def test_sweep_row_from_a_real_guidellm_report_and_metrics_deltas():
+    """The H200 report of offload at concurrency 32 (one wave of 52-s requests in a 100-s
+    window): guidellm's rate counts that wave only, the streams' rate all 32 busy streams."""
+    import json
+    import lzma
+
+    from guidellm_sweep import result_row
+    raw = Path(__file__).resolve().parents[1] / "benchmarks/results/guidellm-h200"
+    report = json.loads(lzma.open(raw / "guidellm-offload-c32.json.xz").read())
+    before = {"moe_offload_expert_hits_total": 100.0, "moe_offload_layer_steps_total": 10.0}
+    after = {"moe_offload_expert_hits_total": 400.0, "moe_offload_expert_misses_total": 900.0,
+             "moe_offload_layer_steps_total": 20.0, "moe_offload_h2d_bytes_total": 4096e9,
+             "vllm:spec_decode_num_drafts_total": 50.0,
+             "vllm:spec_decode_num_accepted_tokens_total": 75.0}
+    row = result_row(report, before, after, concurrency=32)
+    assert (row["requests_ok"], row["waves"], row["tok_s"]) == (32, 1.0, 40.96)  # 4096 / 100 s
+    assert row["stream_tok_s"] == round(32 * 128 / 52.2209, 2) == 78.44
+    assert row["hit_rate"] == 0.25 and row["unique_experts_per_layer_step"] == 120.0
+    assert row["pcie_gb_per_tok"] == 1.0 and row["mean_acceptance_length"] == 2.5
