@@ -295,15 +295,14 @@ def print_table(rows: list[dict]) -> None:
     print(f"{'system':>17} {'conc':>4} {'tok/s':>9} {'streams':>8} {'ITL p50':>8} {'ITL p99':>8} "
           f"{'TTFT p50':>9} {'hit':>6} {'uniq/step':>9} {'accept len':>10} {'ok/err':>7}")
     for r in rows:
-        accept = r["mean_acceptance_length"]
-        unique = r["unique_experts_per_layer_step"]
-        streams = r["stream_tok_s"]
+        # measured only for some systems: offload counters, spec-decode counters
+        shown = {key: "-" if r[key] is None else r[key] for key in (
+            "stream_tok_s", "hit_rate", "unique_experts_per_layer_step", "mean_acceptance_length")}
         print(f"{r['system']:>17} {r['concurrency']:>4} {r['tok_s']:>9.1f} "
-              f"{streams if streams is not None else '-':>8} "
+              f"{shown['stream_tok_s']:>8} "
               f"{r['itl_ms_p50']:>8.1f} {r['itl_ms_p99']:>8.1f} {r['ttft_ms_p50']:>9.1f} "
-              f"{r['hit_rate'] if r['hit_rate'] is not None else '-':>6} "
-              f"{unique if unique is not None else '-':>9} "
-              f"{accept if accept is not None else '-':>10} "
+              f"{shown['hit_rate']:>6} {shown['unique_experts_per_layer_step']:>9} "
+              f"{shown['mean_acceptance_length']:>10} "
               f"{r['requests_ok']:>3}/{r['requests_err']}")
 
 

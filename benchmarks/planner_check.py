@@ -39,6 +39,12 @@ def synced_profile(path: str | None) -> HardwareProfile | None:
     return HardwareProfile.from_json(json.dumps(raw.get("profile", raw)))
 
 
+def synced_step_ms(card: HardwareProfile | None) -> float:
+    """What a host-synced layer step adds to stock's time: the profiled step less its router,
+    which stock's non-MoE time holds already; 0 without a profile."""
+    return card.layer_overhead_ms - card.router_ms if card else 0.0
+
+
 def base_profile(kernels: dict, stock_rows: dict, layers: int) -> HardwareProfile:
     gemm_ms = {r["tokens"]: r["ours_ms"] for r in kernels["rows"]}
     profile = HardwareProfile(kernels["card"], 0.0, gemm_ms)
@@ -57,9 +63,7 @@ def check_run(run: dict, base: HardwareProfile, geometry,
     system = rows[0]["system"] if rows else "?"
     synced = "zerocopy" not in system
     profile = replace(base, h2d_gbps=run["bw_h2d_gbs"])
-    # the profiled step includes its router, which stock's non-MoE time holds already
-    sync_ms = (synced_card.layer_overhead_ms - synced_card.router_ms
-               if synced and synced_card else 0.0)
+    sync_ms = synced_step_ms(synced_card) if synced else 0.0
     if sync_ms:
         profile = replace(profile, gemm_ms=synced_card.gemm_ms,
                           layer_overhead_ms=base.layer_overhead_ms + sync_ms)
@@ -107,7 +111,7 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"non-MoE {base.layer_overhead_ms:.3f} ms per layer + "
           f"{base.attention_ms_per_seq * 1e3:.2f} us per sequence; synced step "
-          f"+{card.layer_overhead_ms - card.router_ms if card else 0.0:.3f} ms")
+          f"+{synced_step_ms(card):.3f} ms")
     print(f"{'system':<20} {'scenario':<8} {'budget':>6} {'n':>4} {'predicted':>10} "
           f"{'measured':>9} {'error':>7}")
     for run in runs:

@@ -34,9 +34,20 @@ with_vllm() {
   source .devicekit/kit/env.sh; export PYTHONPATH=$PWD:$PYTHONPATH
   python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 }
+with_pytest() { python3 -m pip install -q --no-index --find-links .devicekit/wheels pytest 2>/dev/null; }
+# full_size_test NAME TIMEOUT [PYTEST ARGS]: tests/e2e/test_full_size.py (its env set by the
+# caller), the log as pytest-NAME.log and each engine's outputs as NAME-ENGINE.json
+full_size_test() {
+  local name=$1 limit=$2; shift 2
+  with_pytest
+  timeout "$limit" python3 -m pytest -q -rs -p no:cacheprovider --basetemp="/root/$name-test" \
+    tests/e2e/test_full_size.py "$@" 2>&1 | tee "$out/pytest-$name.log" | tail -12
+  find "/root/$name-test" -name "run_llm-*.out.json" | while read -r f; do
+    cp "$f" "$out/$name-$(basename "$(dirname "$f")").json"; done
+}
 case "$1" in
 kernels)
-  python3 -m pip install -q --no-index --find-links .devicekit/wheels pytest 2>/dev/null
+  with_pytest
   python3 -m pytest -q -p no:cacheprovider tests/kernels 2>&1 | tee "$out/pytest-kernels.log" | tail -3 ;;
 tune-host)
   python3 benchmarks/tune_grouped_gemm.py --host 2>&1 | grep -v -i warn | tee "$out/tune-host.log" | tail -8
@@ -57,11 +68,7 @@ fullsize)
   model=/root/qwen3-30b-a3b-fp8
   [ -f "$model/model.safetensors.index.json" ] || \
     python3 -m vllm_moe_offload make-model "$model" --preset qwen3-30b-a3b-fp8 2>&1 | tail -1
-  python3 -m pip install -q --no-index --find-links .devicekit/wheels pytest 2>/dev/null
-  MOE_OFFLOAD_FULL_SIZE_MODEL=$model timeout 520 python3 -m pytest -q -rs -p no:cacheprovider \
-    --basetemp=/root/fullsize tests/e2e/test_full_size.py 2>&1 | tee "$out/pytest-fullsize.log" | tail -12
-  find /root/fullsize -name "run_llm-*.out.json" | while read -r f; do
-    cp "$f" "$out/fullsize-$(basename "$(dirname "$f")").json"; done ;;
+  MOE_OFFLOAD_FULL_SIZE_MODEL=$model full_size_test fullsize 520 ;;
 e2e)
   with_vllm
   systems=($2); barrier=/tmp/e2e-barrier-$$:${#systems[@]}
@@ -79,12 +86,8 @@ walk)
     python3 -m vllm_moe_offload make-model \
     /root/walk --preset qwen3-30b-a3b-fp8 --predictable --draft /root/walk-draft \
     --draft-kind oracle --draft-miss-rate 0.3 2>&1 | tail -1
-  python3 -m pip install -q --no-index --find-links .devicekit/wheels pytest 2>/dev/null
   MOE_OFFLOAD_FULL_SIZE_MODEL=/root/walk MOE_OFFLOAD_FULL_SIZE_DRAFT=/root/walk-draft \
-    timeout 480 python3 -m pytest -q -rs -p no:cacheprovider --basetemp=/root/walk-test \
-    tests/e2e/test_full_size.py -k eagle3 2>&1 | tee "$out/pytest-walk.log" | tail -12
-  find /root/walk-test -name "run_llm-*.out.json" | while read -r f; do
-    cp "$f" "$out/walk-$(basename "$(dirname "$f")").json"; done ;;
+    full_size_test walk 480 -k eagle3 ;;
 guidellm)
   with_vllm
   dir=/root/guidellm-$(date +%s)
