@@ -89,14 +89,18 @@ SMOKE_SERVER = dict(max_model_len=512, gpu_memory_utilization=0.3, enforce_eager
 
 def server_kwargs(system: str, model: Path, draft: Path | None, budget: float,
                   is_dummy: bool, is_smoke: bool, k_default: int = NUM_SPECULATIVE_TOKENS,
-                  engines: int = 1) -> dict:
+                  engines: int = 1, kv_cache_gib: float = 4.0) -> dict:
     """vLLM engine arguments of one system, from bench_e2e.engine_kwargs; `engines` of them
-    share the card."""
+    share the card. The KV cache is sized for the load, not bench_e2e's 8 GiB, so four offload
+    engines fit an 80 GB card: concurrency 64 x (256 + 128 + k) tokens x 96 KiB (48 layers x 4
+    KV heads x 128 x K,V x BF16) = 2.4 GB for qwen3-30b-a3b."""
     percent = round(budget * 100)
     base = {"stock": "stock", "uva": f"uva{percent}"}.get(system, f"offload{percent}")
     kw = engine_kwargs(base, model, expert_gib(model), engines)
     kw.pop("skip_tokenizer_init")  # guidellm sends text
     kw["load_format"] = "dummy" if is_dummy else None
+    if kw["kv_cache_memory_bytes"]:
+        kw["kv_cache_memory_bytes"] = int(kv_cache_gib * GIB)
     if is_smoke:
         kw.update(SMOKE_SERVER)
     k = spec_tokens(system, k_default)
@@ -215,7 +219,7 @@ class Server:
 def server_for(system: str, args, model: Path, draft: Path | None, raw: Path,
                engines: int = 1) -> Server:
     kwargs = server_kwargs(system, model, draft, args.budget, args.load_format == "dummy",
-                           args.smoke, args.spec_tokens, engines)
+                           args.smoke, args.spec_tokens, engines, args.kv_cache_gib)
     port = free_port()
     prometheus_dir = Path(tempfile.mkdtemp(prefix="prometheus-", dir=raw))
     return Server(system, serve_command(model, SERVED_NAME, port, cli_flags(kwargs)),
@@ -223,9 +227,10 @@ def server_for(system: str, args, model: Path, draft: Path | None, raw: Path,
                   dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(prometheus_dir)))
 
 
-def measure(server: Server, args, model: Path, load: Load, raw: Path) -> list[dict]:
-    """The load points of one running server."""
-    url, system, rows = server.url, server.system, []
+def measure(server: Server, args, model: Path, load: Load, raw: Path,
+            rows: list[dict]) -> None:
+    """The load points of one running server, appended to `rows`."""
+    url, system = server.url, server.system
     requests.post(f"{url}/v1/completions", timeout=600, json={
         "model": SERVED_NAME, "prompt": "warm up", "max_tokens": 8}).raise_for_status()
     for concurrency in load.concurrencies:
@@ -239,20 +244,19 @@ def measure(server: Server, args, model: Path, load: Load, raw: Path) -> list[di
                          out=load.output_tokens, spec_tokens=spec_tokens(system, args.spec_tokens),
                          **row))
         print("RESULT", json.dumps(rows[-1]), flush=True)
-    return rows
 
 
-def sweep(args, model: Path, draft: Path | None, load: Load, raw: Path) -> list[dict]:
-    """One server at a time, or (--side-by-side) all at once, measured one after another."""
+def sweep(args, model: Path, draft: Path | None, load: Load, raw: Path,
+          rows: list[dict]) -> None:
+    """One server at a time, or (--side-by-side) all at once, measured one after another;
+    each point's row lands in `rows` as it is measured."""
     groups = [args.systems] if args.side_by_side else [[s] for s in args.systems]
-    rows = []
     for group in groups:
         servers = [server_for(s, args, model, draft, raw, len(group)) for s in group]
         with running_servers([(s.cmd, s.url, s.log, s.env) for s in servers],
                              args.start_timeout):
             for server in servers:
-                rows += measure(server, args, model, load, raw)
-    return rows
+                measure(server, args, model, load, raw, rows)
 
 
 def prepare_models(args, work: Path) -> tuple[Path, Path | None]:
@@ -362,10 +366,18 @@ def main() -> None:
     parser.add_argument("--waves", type=int, default=None,
                         help="requests per stream per point (default 2)")
     parser.add_argument("--load-format", default=None, help="e.g. dummy (default: vLLM's)")
+    parser.add_argument("--kv-cache-gib", type=float, default=4.0,
+                        help="KV cache per GPU server (default 4: concurrency 64 at this load)")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                        help="no servers: join the rows of earlier guidellm_sweep.json files "
+                             "(e.g. calls of one lease) into one JSON, table and plot in --out")
     parser.add_argument("--start-timeout", type=float, default=900, help="server start, s")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "guidellm_sweep"),
                         help="output directory")
     args = parser.parse_args()
+    if args.merge:
+        merge(args.merge, Path(args.out))
+        return
     if not args.smoke and not args.model:
         parser.error("give --model (a preset name or a checkpoint directory) or --smoke")
     default_systems = "offload,offload+eagle3" if args.smoke else ",".join(SYSTEMS)
@@ -388,14 +400,47 @@ def main() -> None:
     raw = out / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     model, draft = prepare_models(args, raw)
-    rows = sweep(args, model, draft, load, raw)
-    result = dict(metadata(model, args), load=asdict(load), rows=rows)
+    rows = []
+    try:
+        sweep(args, model, draft, load, raw, rows)
+    finally:  # a sweep cut short (SIGTERM, a failed point) still reports what it measured
+        if rows:
+            write_report(dict(metadata(model, args), load=asdict(load), budget=args.budget,
+                              complete=len(rows) == len(args.systems) * len(load.concurrencies),
+                              rows=rows), out)
+
+
+def write_report(result: dict, out: Path) -> None:
     (out / "guidellm_sweep.json").write_text(json.dumps(result, indent=2))
-    plot(rows, out / "guidellm_sweep.png",
+    load = result["load"]
+    plot(result["rows"], out / "guidellm_sweep.png",
          f"{result['model']} on {result['card']}, vLLM {result['vllm']}, prompt "
-         f"{load.prompt_tokens} / output {load.output_tokens} tokens, budget {args.budget:.0%}, "
-         f"routing {result['routing']}")
-    print_table(rows)
+         f"{load['prompt_tokens']} / output {load['output_tokens']} tokens, budget "
+         f"{result['budget']:.0%}, routing {result['routing']}")
+    print_table(result["rows"])
+
+
+def merge(paths: list[str], out: Path) -> None:
+    """One report from several runs of the same model, card, load and budget (each row keeps
+    the run it came from); a mismatch is refused rather than plotted side by side."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    same = ("card", "vllm", "model", "load_format", "routing", "budget")
+    for path, run in zip(paths[1:], runs[1:], strict=True):
+        differ = [k for k in same if run.get(k) != runs[0].get(k)]
+        load_differs = {k: v for k, v in run["load"].items()
+                        if k not in ("concurrencies", "waves", "seconds")
+                        and v != runs[0]["load"][k]}
+        if differ or load_differs:
+            raise SystemExit(f"{path} differs from {paths[0]} in "
+                             f"{', '.join(differ + sorted(load_differs))}: not merged")
+    rows = [dict(row, run=Path(p).parent.name) for p, run in zip(paths, runs, strict=True)
+            for row in run["rows"]]
+    out.mkdir(parents=True, exist_ok=True)
+    result = {k: runs[0].get(k) for k in (*same, "bw_h2d_gbs", "date")}
+    result.update(commits=sorted({run["commit"] for run in runs}), load=runs[0]["load"],
+                  runs=[dict(path=p, **{k: run.get(k) for k in ("commit", "bw_h2d_gbs", "load")})
+                        for p, run in zip(paths, runs, strict=True)], rows=rows)
+    write_report(result, out)
 
 
 if __name__ == "__main__":

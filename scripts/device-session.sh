@@ -20,9 +20,10 @@
 #   walk    : the full-size --predictable target and its oracle EAGLE-3 draft (miss rate 0.3)
 #             in /root (once per lease), then greedy equality of offload25+EAGLE-3 against stock
 #             with CUDA graphs (tests/e2e/test_full_size.py -k eagle3)
-#   guidellm "SYSTEMS" CONCURRENCIES [SECONDS]: benchmarks/guidellm_sweep.py --side-by-side on
-#             that target, uniform routing, 2 requests a stream per point (SECONDS bounds a
-#             point, default 300), e.g. guidellm "offload,offload+eagle3" 1,8,32,64
+#   guidellm "SYSTEMS" CONCURRENCIES [SECONDS [WAVES]]: benchmarks/guidellm_sweep.py
+#             --side-by-side on that target (written first if missing), uniform routing, WAVES
+#             requests a stream per point (default 2; SECONDS bounds a point, default 300),
+#             e.g. guidellm "offload,offload+eagle3" 1,8,32,64
 #   serve   : `vllm serve --enable-expert-offload` answers a chat
 set -uo pipefail
 out=${OUT:-/tmp/out}; mkdir -p "$out"
@@ -44,6 +45,13 @@ full_size_test() {
     tests/e2e/test_full_size.py "$@" 2>&1 | tee "$out/pytest-$name.log" | tail -12
   find "/root/$name-test" -name "run_llm-*.out.json" | while read -r f; do
     cp "$f" "$out/$name-$(basename "$(dirname "$f")").json"; done
+}
+# the full-size --predictable target and its oracle draft (miss rate 0.3), once per lease
+walk_model() {
+  [ -f /root/walk/model.safetensors.index.json ] && [ -f /root/walk-draft/model.safetensors ] || \
+    python3 -m vllm_moe_offload make-model \
+    /root/walk --preset qwen3-30b-a3b-fp8 --predictable --draft /root/walk-draft \
+    --draft-kind oracle --draft-miss-rate 0.3 2>&1 | tail -1
 }
 case "$1" in
 kernels)
@@ -82,21 +90,23 @@ e2e)
   done ;;
 walk)
   with_vllm
-  [ -f /root/walk/model.safetensors.index.json ] && [ -f /root/walk-draft/model.safetensors ] || \
-    python3 -m vllm_moe_offload make-model \
-    /root/walk --preset qwen3-30b-a3b-fp8 --predictable --draft /root/walk-draft \
-    --draft-kind oracle --draft-miss-rate 0.3 2>&1 | tail -1
+  walk_model
   MOE_OFFLOAD_FULL_SIZE_MODEL=/root/walk MOE_OFFLOAD_FULL_SIZE_DRAFT=/root/walk-draft \
     full_size_test walk 480 -k eagle3 ;;
 guidellm)
   with_vllm
+  walk_model
   dir=/root/guidellm-$(date +%s)
-  VLLM_MOE_ROUTING_SIMULATION_STRATEGY=uniform_random python3 benchmarks/guidellm_sweep.py \
-    --model /root/walk --draft /root/walk-draft --systems "$2" --concurrency "$3" \
-    --seconds "${4:-300}" --side-by-side --out "$dir" > "$out/guidellm.log" 2>&1
+  # TERM before the call's 600 s (bash's SECONDS: this script's age, staging and the checkpoint
+  # write included): the sweep stops its servers, and the copies below still run
+  VLLM_MOE_ROUTING_SIMULATION_STRATEGY=uniform_random timeout $((580 - SECONDS)) \
+    python3 benchmarks/guidellm_sweep.py --model /root/walk --draft /root/walk-draft \
+    --systems "$2" --concurrency "$3" --seconds "${4:-300}" --waves "${5:-2}" --side-by-side \
+    --out "$dir" > "$out/guidellm.log" 2>&1
   tail -22 "$out/guidellm.log"
   cp "$dir"/guidellm_sweep.json "$dir"/guidellm_sweep.png "$out/" 2>/dev/null
-  tar -C "$dir/raw" -cJf "$out/serve-logs.tar.xz" $(cd "$dir/raw" && ls serve-*.log) ;;
+  tar -C "$dir/raw" -cJf "$out/serve-logs.tar.xz" $(cd "$dir/raw" && ls serve-*.log)
+  tar -C "$dir/raw" -cJf "$out/guidellm-raw.tar.xz" $(cd "$dir/raw" && ls guidellm-*.json) ;;
 plan)
   with_vllm
   python3 -m vllm_moe_offload plan qwen3-30b-a3b-fp8 --out "$out/plan.json" 2>&1 | grep -v -i warn | tail -12 ;;

@@ -103,3 +103,33 @@ def test_sweep_row_from_a_real_guidellm_report_and_metrics_deltas():
     assert row["stream_tok_s"] == round(32 * 128 / 52.2209, 2) == 78.44
     assert row["hit_rate"] == 0.25 and row["unique_experts_per_layer_step"] == 120.0
     assert row["pcie_gb_per_tok"] == 1.0 and row["mean_acceptance_length"] == 2.5
+
+
+def test_sweep_reports_of_one_lease_merge_and_others_are_refused(tmp_path):
+    """Calls of one lease join into one report, each row naming its call; a run at another
+    budget (or card, model, load) is refused, not plotted beside the others."""
+    import json
+
+    from guidellm_sweep import merge
+    load = dict(prompt_tokens=256, output_tokens=128, concurrencies=[1, 8], seconds=300, waves=1)
+    row = dict(tok_s=1.0, stream_tok_s=None, itl_ms_p50=1.0, itl_ms_p99=2.0, ttft_ms_p50=3.0,
+               hit_rate=None, unique_experts_per_layer_step=None, mean_acceptance_length=None,
+               requests_ok=1, requests_err=0)
+    paths = []
+    for call, systems, budget in (("a", ["stock"], 0.25), ("b", ["offload"], 0.25),
+                                  ("c", ["offload"], 0.5)):
+        (tmp_path / call).mkdir()
+        paths.append(tmp_path / call / "guidellm_sweep.json")
+        paths[-1].write_text(json.dumps(dict(
+            card="H100", vllm="0.26.0", model="/root/walk", load_format="auto",
+            routing="uniform_random", budget=budget, bw_h2d_gbs=52.0, date="d", commit=call,
+            load=dict(load, concurrencies=[32] if call == "b" else [1, 8]),
+            rows=[dict(row, system=s, concurrency=c) for s in systems for c in (1, 8)])))
+    merge([str(p) for p in paths[:2]], tmp_path / "merged")
+    merged = json.loads((tmp_path / "merged" / "guidellm_sweep.json").read_text())
+    assert [(r["system"], r["run"]) for r in merged["rows"]] == [
+        ("stock", "a"), ("stock", "a"), ("offload", "b"), ("offload", "b")]
+    assert merged["commits"] == ["a", "b"] and merged["budget"] == 0.25
+    with pytest.raises(SystemExit, match="differs .* in budget: not merged"):
+        merge([str(paths[0]), str(paths[2])], tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
