@@ -99,7 +99,7 @@ guidellm)
   dir=/root/guidellm-$(date +%s)
   # TERM before the call's 600 s (bash's SECONDS: this script's age, staging and the checkpoint
   # write included): the sweep stops its servers, and the copies below still run
-  VLLM_MOE_ROUTING_SIMULATION_STRATEGY=uniform_random timeout $((580 - SECONDS)) \
+  VLLM_MOE_ROUTING_SIMULATION_STRATEGY=uniform_random timeout $((${GUIDELLM_DEADLINE_S:-520} - SECONDS)) \
     python3 benchmarks/guidellm_sweep.py --model /root/walk --draft /root/walk-draft \
     --systems "$2" --concurrency "$3" --seconds "${4:-300}" --waves "${5:-2}" --side-by-side \
     --out "$dir" > "$out/guidellm.log" 2>&1

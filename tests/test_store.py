@@ -42,6 +42,17 @@ def test_load_places_gate_up_down_and_scales():
     assert (1, 2, "gate_proj.weight") not in missing and (0, 0, "up_proj.weight") in missing
 
 
+def test_store_stays_on_the_host_under_a_default_device():
+    """vLLM builds the model under `with torch.device("cuda")`: nothing of the store may follow
+    that default (its load marks would become one kernel launch per checkpoint tensor). The
+    meta device stands in for CUDA here: a tensor that follows it has no data to mark."""
+    with torch.device("meta"):
+        store = ExpertStore(FP8, num_layers=1, num_experts=1, pin=False)
+    assert {store.loaded.device.type} | {r.device.type for r in store.records} == {"cpu"}
+    store.load(0, 0, "down_proj.weight", torch.ones(256, 128, dtype=torch.float8_e4m3fn))
+    assert (0, 0, "down_proj.weight") not in store.missing()
+
+
 def test_wrong_shape_is_refused():
     store = ExpertStore(FP8, num_layers=1, num_experts=1, pin=False)
     with pytest.raises(ValueError, match="expected"):

@@ -109,7 +109,12 @@ class ExpertStore:
         check_host_memory(self.nbytes, limit_bytes)
         self.records = [self._allocate(num_experts) for _ in range(num_layers)]  # [E, R] each
         self.views = [layout.views(r) for r in self.records]
-        self.loaded = torch.zeros(num_layers, num_experts, len(layout.parts), dtype=torch.bool)
+        # Explicitly on the host: vLLM builds the model under `with torch.device("cuda")`,
+        # where each of the ~37k marks was a kernel launch. Two engines loading side by side
+        # on one H100 took 180 s each (one alone: 6 s), ~5 ms per mark, as if the cards'
+        # time-slicing between the two contexts paced the launches.
+        self.loaded = torch.zeros(num_layers, num_experts, len(layout.parts), dtype=torch.bool,
+                                  device="cpu")
 
     @property
     def nbytes(self) -> int:
