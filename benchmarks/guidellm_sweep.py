@@ -340,6 +340,7 @@ def plot(rows: list[dict], path: Path, title: str) -> bool:
         ax.set_xlabel("concurrency")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
+    ax_tok.set_yscale("log")  # stock runs 10-100x the offloading systems
     ax_tok.legend()
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
