@@ -133,3 +133,31 @@ def test_sweep_reports_of_one_lease_merge_and_others_are_refused(tmp_path):
     with pytest.raises(SystemExit, match="differs .* in budget: not merged"):
         merge([str(paths[0]), str(paths[2])], tmp_path / "refused")
     assert not (tmp_path / "refused").exists()
+
+
+def test_spec_check_fits_the_acceptance_rate_and_checks_the_recommended_k():
+    """A synthetic sweep at rate 0.7 where k = 3 measured fastest: the fit finds 0.7, the
+    planner (no draft cost) recommends the largest k, 5, and the check says whether that is
+    among the measured best two; a sweep without k = 0 is refused."""
+    from spec_check import check, fit_acceptance_rate, measured_by_k
+
+    from vllm_moe_offload.planner import acceptance_length
+    assert fit_acceptance_rate({k: acceptance_length(k, 0.7) for k in (1, 2, 5)}) == 0.7
+    profile = HardwareProfile("GPU", 50.0, {1: 0.03, 4096: 1.0}, 0.1)
+
+    def sweep(tok_s_by_k):
+        rows = [dict(system="offload" if k == 0 else f"offload+eagle3k{k}", concurrency=32,
+                     spec_tokens=k or None, stream_tok_s=v, unique_experts_per_layer_step=120.0,
+                     mean_acceptance_length=round(acceptance_length(k, 0.7), 3) if k else None)
+                for k, v in tok_s_by_k.items()]
+        return measured_by_k([("r.json", {"rows": rows})], 32)
+
+    second = check(sweep({0: 70, 1: 100, 2: 120, 3: 150, 5: 140}), profile,
+                   "qwen3-30b-a3b-fp8", 0.25, 32, 0.0)
+    assert second["recommended_k"] == 5 and second["measured_ranking"][:2] == [3, 5]
+    assert second["within_best_two"] and second["fitted_acceptance_rate"] == 0.7
+    third = check(sweep({0: 70, 1: 100, 2: 145, 3: 150, 5: 140}), profile,
+                  "qwen3-30b-a3b-fp8", 0.25, 32, 0.0)
+    assert not third["within_best_two"]
+    with pytest.raises(SystemExit, match="need offload"):
+        check(sweep({1: 100, 2: 120, 3: 150}), profile, "qwen3-30b-a3b-fp8", 0.25, 32, 0.0)
