@@ -127,6 +127,9 @@ def main(argv: list[str] | None = None) -> None:
     plan.add_argument("--acceptance-rate", type=float, default=None,
                       help="EAGLE draft token acceptance rate (e.g. from vLLM's spec-decode "
                            "metrics): also recommend num_speculative_tokens at the chosen n")
+    plan.add_argument("--concurrency", type=int, default=None,
+                      help="with --acceptance-rate: the concurrency to recommend k for "
+                           "(default: the recommended --max-num-seqs)")
     plan.add_argument("--draft-ms", type=float, default=0.0,
                       help="time of one draft forward per step, ms (default 0)")
     plan.add_argument("--out", default=None, help="write the plan as JSON")

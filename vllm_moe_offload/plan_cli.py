@@ -33,7 +33,8 @@ def model_geometry(model: str) -> MoeGeometry:
 def run_plan(args) -> None:
     geometry = model_geometry(args.model)
     if args.profile:
-        profile = HardwareProfile.from_json(Path(args.profile).read_text())
+        raw = json.loads(Path(args.profile).read_text())  # a profile, or a plan that holds one
+        profile = HardwareProfile.from_json(json.dumps(raw.get("profile", raw)))
     else:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         print(f"plan: measuring {device} (a few seconds)", flush=True)
@@ -47,13 +48,14 @@ def run_plan(args) -> None:
     plan = {"profile": asdict(profile), "cache_share": args.cache_share,
             "recommended_max_num_seqs": chosen.n, "rows": [asdict(r) for r in rows]}
     if args.acceptance_rate is not None:
-        spec = solve_spec(profile, geometry, args.cache_share, chosen.n, args.acceptance_rate,
+        n = args.concurrency or chosen.n
+        spec = solve_spec(profile, geometry, args.cache_share, n, args.acceptance_rate,
                           args.draft_ms, overlap=args.overlap)
         best = max(spec, key=lambda r: r.tok_s)
-        print(f"speculation at n={chosen.n}, acceptance rate {args.acceptance_rate:.2f}:")
+        print(f"speculation at n={n}, acceptance rate {args.acceptance_rate:.2f}:")
         print(format_spec_table(spec, best))
         print(f"recommended: num_speculative_tokens {best.spec_tokens}")
-        plan.update(acceptance_rate=args.acceptance_rate,
+        plan.update(acceptance_rate=args.acceptance_rate, spec_concurrency=n,
                     recommended_num_speculative_tokens=best.spec_tokens,
                     spec_rows=[asdict(r) for r in spec])
     if args.out:
