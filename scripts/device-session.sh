@@ -31,6 +31,9 @@ bash .devicekit/kit/stage.sh
 export PYTHONPATH=$PWD HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 with_vllm() {
+  # a call the tool cut off leaves its servers running, holding GPU and pinned memory (15 GB
+  # seen): stop them (the bracketed patterns never match this script's own command line)
+  pkill -f "[v]llm.entrypoints"; pkill -f "[E]ngineCore"; pkill -f "[b]ench_e2e.py"
   cp /root/tuned/*.json vllm_moe_offload/kernels/configs/ 2>/dev/null
   source .devicekit/kit/env.sh; export PYTHONPATH=$PWD:$PYTHONPATH
   python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
