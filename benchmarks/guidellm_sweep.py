@@ -95,8 +95,8 @@ def server_kwargs(system: str, model: Path, draft: Path | None, budget: float,
     share the card. The KV cache is sized for the load, not bench_e2e's 8 GiB: concurrency 64
     x (256 + 128 + k) tokens x 96 KiB (48 layers x 4 KV heads x 128 x K,V x BF16) = 2.4 GB for
     qwen3-30b-a3b. max_num_seqs is the load's highest concurrency: the scheduler never runs
-    more, and the offload servers capture CUDA graphs for 3x fewer batch sizes (66 s of
-    start-up each on an H100 at 256)."""
+    more, and fewer batch sizes get CUDA graphs (offload on an H100: 65-66 s of capture at
+    256, 18-50 s at 32 with EAGLE-3)."""
     percent = round(budget * 100)
     base = {"stock": "stock", "uva": f"uva{percent}"}.get(system, f"offload{percent}")
     kw = engine_kwargs(base, model, expert_gib(model), engines)
@@ -427,26 +427,43 @@ def write_report(result: dict, out: Path) -> None:
     print_table(result["rows"])
 
 
-def merge(paths: list[str], out: Path) -> None:
-    """One report from several runs of the same model, card, load and budget (each row keeps
-    the run it came from); a mismatch is refused rather than plotted side by side."""
-    runs = [json.loads(Path(p).read_text()) for p in paths]
-    same = ("card", "vllm", "model", "load_format", "routing", "budget")
+SAME_IN_EVERY_RUN = ("card", "vllm", "model", "load_format", "routing", "budget")
+
+
+def check_comparable(paths: list[str], runs: list[dict]) -> None:
+    """Reports measured alike: the same card, model, routing and budget, and the same load
+    but for its concurrencies (waves change what stream_tok_s averages over, so they count)."""
+    for path, run in zip(paths, runs, strict=True):
+        if run.get("budget") is None:
+            raise SystemExit(f"{path} has no budget (a report from before it was recorded): "
+                             "add it by hand from its README, or leave the report out")
     for path, run in zip(paths[1:], runs[1:], strict=True):
-        differ = [k for k in same if run.get(k) != runs[0].get(k)]
-        load_differs = {k: v for k, v in run["load"].items()
-                        if k not in ("concurrencies", "waves", "seconds")
-                        and v != runs[0]["load"][k]}
-        if differ or load_differs:
-            raise SystemExit(f"{path} differs from {paths[0]} in "
-                             f"{', '.join(differ + sorted(load_differs))}: not merged")
+        differ = [k for k in SAME_IN_EVERY_RUN if run.get(k) != runs[0].get(k)]
+        differ += sorted(k for k, v in run["load"].items()
+                         if k != "concurrencies" and v != runs[0]["load"][k])
+        if differ:
+            raise SystemExit(f"{path} differs from {paths[0]} in {', '.join(differ)}: "
+                             "not comparable")
+
+
+def merge(paths: list[str], out: Path) -> None:
+    """One report from several runs measured alike (each row keeps the run it came from)."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    check_comparable(paths, runs)
     rows = [dict(row, run=Path(p).parent.name) for p, run in zip(paths, runs, strict=True)
             for row in run["rows"]]
+    commits = {c for run in runs for c in [run.get("commit"), *run.get("commits", [])] if c}
+    bandwidths = [run["bw_h2d_gbs"] for run in runs if run.get("bw_h2d_gbs")]
     out.mkdir(parents=True, exist_ok=True)
-    result = {k: runs[0].get(k) for k in (*same, "bw_h2d_gbs", "date")}
-    result.update(commits=sorted({run["commit"] for run in runs}), load=runs[0]["load"],
-                  runs=[dict(path=p, **{k: run.get(k) for k in ("commit", "bw_h2d_gbs", "load")})
-                        for p, run in zip(paths, runs, strict=True)], rows=rows)
+    result = {k: runs[0].get(k) for k in (*SAME_IN_EVERY_RUN, "date")}
+    result.update(
+        commits=sorted(commits),
+        bw_h2d_gbs=round(sum(bandwidths) / len(bandwidths), 1) if bandwidths else None,
+        load=dict(runs[0]["load"], concurrencies=sorted(
+            {c for run in runs for c in run["load"]["concurrencies"]})),
+        runs=[dict(path=p, **{k: run.get(k) for k in ("commit", "bw_h2d_gbs", "load")})
+              for p, run in zip(paths, runs, strict=True)],
+        rows=rows)
     write_report(result, out)
 
 

@@ -22,6 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+from guidellm_sweep import check_comparable, spec_tokens
 
 from vllm_moe_offload.plan_cli import model_geometry
 from vllm_moe_offload.planner import acceptance_length, solve_spec, unique_experts
@@ -35,12 +36,15 @@ def fit_acceptance_rate(lengths: dict[int, float]) -> float:
     return round(float(grid[int(np.argmin(errors))]), 3)
 
 
-def measured_by_k(reports: list[dict], concurrency: int) -> dict[int, list[dict]]:
+def measured_by_k(reports: list[tuple[str, dict]], concurrency: int) -> dict[int, list[dict]]:
+    """The offload rows (k = 0) and offload+eagle3[kN] rows at `concurrency`, by k."""
     by_k: dict[int, list[dict]] = {}
     for path, report in reports:
         for row in report["rows"]:
-            if row["concurrency"] == concurrency and row["system"].startswith("offload"):
-                by_k.setdefault(row["spec_tokens"] or 0, []).append(dict(row, report=path))
+            if row["concurrency"] != concurrency or row["system"] in ("stock", "uva"):
+                continue
+            spec_tokens(row["system"], 1)  # refuses a system outside the sweep's
+            by_k.setdefault(row["spec_tokens"] or 0, []).append(dict(row, report=path))
     return by_k
 
 
@@ -114,16 +118,14 @@ def main() -> None:
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
     reports = [(p, json.loads(Path(p).read_text())) for p in args.reports]
+    check_comparable(args.reports, [r for _, r in reports])
     raw = json.loads(Path(args.profile).read_text())
     profile = HardwareProfile.from_json(json.dumps(raw.get("profile", raw)))
     bandwidths = [r["bw_h2d_gbs"] for _, r in reports if r.get("bw_h2d_gbs")]
     if bandwidths:
         profile = replace(profile, h2d_gbps=round(statistics.mean(bandwidths), 1))
-    shares = {r.get("budget") for _, r in reports}
-    if len(shares) != 1 or None in shares:
-        raise SystemExit(f"the reports' budgets differ or are missing: {shares}")
     result = check(measured_by_k(reports, args.concurrency), profile, args.model,
-                   shares.pop(), args.concurrency, args.draft_ms)
+                   reports[0][1]["budget"], args.concurrency, args.draft_ms)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "spec_check.json").write_text(json.dumps(result, indent=2))

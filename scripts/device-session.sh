@@ -30,10 +30,17 @@ out=${OUT:-/tmp/out}; mkdir -p "$out"
 bash .devicekit/kit/stage.sh
 export PYTHONPATH=$PWD HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+# A call the tool cut off leaves its servers running, holding GPU and pinned memory (15 GB
+# seen): stop them, and wait until they are gone (the bracketed patterns never match this
+# script's own command line).
+stop_stale() {
+  local stale="[v]llm.entrypoints|[E]ngineCore|[b]ench_e2e.py|[g]uidellm_sweep.py|[g]uidellm run"
+  pkill -f "$stale" || return 0
+  for _ in $(seq 30); do pgrep -f "$stale" >/dev/null || return 0; sleep 1; done
+  pkill -9 -f "$stale"; sleep 2
+}
 with_vllm() {
-  # a call the tool cut off leaves its servers running, holding GPU and pinned memory (15 GB
-  # seen): stop them (the bracketed patterns never match this script's own command line)
-  pkill -f "[v]llm.entrypoints"; pkill -f "[E]ngineCore"; pkill -f "[b]ench_e2e.py"
+  stop_stale
   cp /root/tuned/*.json vllm_moe_offload/kernels/configs/ 2>/dev/null
   source .devicekit/kit/env.sh; export PYTHONPATH=$PWD:$PYTHONPATH
   python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
@@ -101,15 +108,19 @@ guidellm)
   walk_model
   dir=/root/guidellm-$(date +%s)
   # TERM before the call's 600 s (bash's SECONDS: this script's age, staging and the checkpoint
-  # write included): the sweep stops its servers, and the copies below still run
-  VLLM_MOE_ROUTING_SIMULATION_STRATEGY=uniform_random timeout $((${GUIDELLM_DEADLINE_S:-520} - SECONDS)) \
+  # write included; KILL 30 s later): the sweep stops its servers, the copies below still run
+  left=$((${GUIDELLM_DEADLINE_S:-520} - SECONDS))
+  ((left > 60)) || { echo "guidellm: ${left} s of the call left, too few to start"; exit 1; }
+  VLLM_MOE_ROUTING_SIMULATION_STRATEGY=uniform_random timeout -k 30 "$left" \
     python3 benchmarks/guidellm_sweep.py --model /root/walk --draft /root/walk-draft \
     --systems "$2" --concurrency "$3" --seconds "${4:-300}" --waves "${5:-2}" --side-by-side \
     --out "$dir" > "$out/guidellm.log" 2>&1
+  rc=$?
   tail -22 "$out/guidellm.log"
   cp "$dir"/guidellm_sweep.json "$dir"/guidellm_sweep.png "$out/" 2>/dev/null
-  tar -C "$dir/raw" -cJf "$out/serve-logs.tar.xz" $(cd "$dir/raw" && ls serve-*.log)
-  tar -C "$dir/raw" -cJf "$out/guidellm-raw.tar.xz" $(cd "$dir/raw" && ls guidellm-*.json) ;;
+  (cd "$dir/raw" && tar -cJf "$out/serve-logs.tar.xz" serve-*.log
+   tar -cJf "$out/guidellm-raw.tar.xz" guidellm-*.json) 2>/dev/null
+  exit $rc ;;
 plan)
   with_vllm
   python3 -m vllm_moe_offload plan qwen3-30b-a3b-fp8 --out "$out/plan.json" 2>&1 | grep -v -i warn | tail -12 ;;

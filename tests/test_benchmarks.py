@@ -130,8 +130,19 @@ def test_sweep_reports_of_one_lease_merge_and_others_are_refused(tmp_path):
     assert [(r["system"], r["run"]) for r in merged["rows"]] == [
         ("stock", "a"), ("stock", "a"), ("offload", "b"), ("offload", "b")]
     assert merged["commits"] == ["a", "b"] and merged["budget"] == 0.25
-    with pytest.raises(SystemExit, match="differs .* in budget: not merged"):
+    assert merged["load"]["concurrencies"] == [1, 8, 32]
+    # a merged report merges again, its commits kept
+    merge([str(tmp_path / "merged" / "guidellm_sweep.json"), str(paths[0])], tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "guidellm_sweep.json").read_text())["commits"] == [
+        "a", "b"]
+    with pytest.raises(SystemExit, match="differs .* in budget: not comparable"):
         merge([str(paths[0]), str(paths[2])], tmp_path / "refused")
+    other = json.loads(paths[1].read_text())
+    for key, value, message in (("load", dict(load, waves=2), "in waves"),
+                                ("budget", None, "has no budget")):
+        paths[2].write_text(json.dumps(dict(other, **{key: value})))
+        with pytest.raises(SystemExit, match=message):
+            merge([str(paths[0]), str(paths[2])], tmp_path / "refused")
     assert not (tmp_path / "refused").exists()
 
 
@@ -146,7 +157,8 @@ def test_spec_check_fits_the_acceptance_rate_and_checks_the_recommended_k():
     profile = HardwareProfile("GPU", 50.0, {1: 0.03, 4096: 1.0}, 0.1)
 
     def sweep(tok_s_by_k):
-        rows = [dict(system="offload" if k == 0 else f"offload+eagle3k{k}", concurrency=32,
+        names = {0: "offload", 3: "offload+eagle3"}  # k = 3: the default's plain name
+        rows = [dict(system=names.get(k, f"offload+eagle3k{k}"), concurrency=32,
                      spec_tokens=k or None, stream_tok_s=v, unique_experts_per_layer_step=120.0,
                      mean_acceptance_length=round(acceptance_length(k, 0.7), 3) if k else None)
                 for k, v in tok_s_by_k.items()]

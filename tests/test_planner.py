@@ -96,12 +96,16 @@ def test_plan_command_recommends_speculative_tokens(tmp_path, capsys):
     assert f"num_speculative_tokens {plan['recommended_num_speculative_tokens']}" in out
     assert [r["spec_tokens"] for r in plan["spec_rows"]] == [0, 1, 2, 3, 5]
     assert plan["spec_concurrency"] == plan["recommended_max_num_seqs"]
-    # at one sequence the draft's 20 ms outweighs what a verified token saves
+    # one sequence: each drafted token fetches experts of its own, and a 20-ms draft on top
     main(["plan", "qwen3-30b-a3b-fp8", "--profile", str(path), "--acceptance-rate", "0.7",
           "--concurrency", "1", "--draft-ms", "20", "--out", str(tmp_path / "p1.json")])
     single = json.loads((tmp_path / "p1.json").read_text())
     assert single["spec_concurrency"] == 1 and "speculation at n=1," in capsys.readouterr().out
     assert single["recommended_num_speculative_tokens"] == 0
+    for bad in (["--concurrency", "0", "--acceptance-rate", "0.7"], ["--concurrency", "8"]):
+        with pytest.raises(SystemExit):
+            main(["plan", "qwen3-30b-a3b-fp8", "--profile", str(path), *bad])
+    assert "--concurrency" in capsys.readouterr().err
     # a plan's JSON serves as the next plan's profile
     main(["plan", "qwen3-30b-a3b-fp8", "--profile", str(tmp_path / "p1.json")])
     assert "recommended: --max-num-seqs" in capsys.readouterr().out

@@ -134,6 +134,11 @@ def main(argv: list[str] | None = None) -> None:
                       help="time of one draft forward per step, ms (default 0)")
     plan.add_argument("--out", default=None, help="write the plan as JSON")
     args = parser.parse_args(argv)
+    if args.command == "plan" and args.concurrency is not None:
+        if args.acceptance_rate is None:
+            parser.error("--concurrency sets where to recommend k: give --acceptance-rate too")
+        if args.concurrency < 1:
+            parser.error(f"--concurrency must be >= 1, got {args.concurrency}")
     if args.command == "make-model":  # the flags are checked before a 31 GB write
         if args.draft_kind == "oracle" and not args.predictable:
             parser.error("--draft-kind oracle needs --predictable")
