@@ -128,6 +128,10 @@ def main() -> None:
     parser.add_argument("scenarios")
     parser.add_argument("--out", default=None)
     parser.add_argument("--preset", default="qwen3-30b-a3b-fp8")
+    parser.add_argument("--trace", default=None, metavar="DIR",
+                        help="after the scenarios, trace one sequence's decode steps with "
+                             "vLLM's torch profiler into DIR and summarise them "
+                             "(trace_summary.py)")
     parser.add_argument("--barrier", default=None, type=barrier_spec, metavar="DIR:N",
                         help="N engines start side by side and measure one at a time")
     args = parser.parse_args()
@@ -143,7 +147,11 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     t0 = time.time()
     engines = args.barrier[1] if args.barrier else 1
-    llm = LLM(**engine_kwargs(args.system, model_dir, expert_gib, engines))
+    kwargs = engine_kwargs(args.system, model_dir, expert_gib, engines)
+    if args.trace:
+        kwargs["profiler_config"] = {"profiler": "torch", "torch_profiler_with_stack": False,
+                                     "torch_profiler_dir": str(Path(args.trace).resolve())}
+    llm = LLM(**kwargs)
     load_s = time.time() - t0
     result = dict(card=torch.cuda.get_device_name() if cuda else "cpu",
                   date=time.strftime("%Y-%m-%d"), model=args.preset, rows=[])
@@ -162,6 +170,9 @@ def main() -> None:
         bw = measure_h2d_gbps(geometry.layout.record_bytes, "cuda") * 1e9 if cuda else 0.0
         result["bw_h2d_gbs"] = round(bw / 1e9, 1)
         rows = run_scenarios(llm, args, config, geometry, load_s, save)
+        if args.trace:
+            result["trace"] = trace_decode(llm, config, args.trace, geometry.num_moe_layers)
+            save(rows)
     print(f"{result['card']}  bw_h2d {result['bw_h2d_gbs']} GB/s  engine start {load_s:.0f} s")
     for r in rows:
         print(f"{r['system']:>18} {r['scenario']:>5} {r['tok_s']:>9.1f} tok/s  "
@@ -221,6 +232,25 @@ def run_scenarios(llm, args, config: dict, geometry: MoeGeometry, load_s: float,
         print("RESULT", json.dumps(row), flush=True)
         save(rows)
     return rows
+
+
+TRACE_TOKENS = 16
+
+
+def trace_decode(llm, config: dict, trace_dir: str, num_moe_layers: int) -> dict:
+    """One sequence, a 16-token prompt and 16 new tokens, under vLLM's torch profiler (kept out
+    of the timed scenarios): where a layer step's time goes (trace_summary.py)."""
+    from trace_summary import load_events, summarise
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+    prompt = TokensPrompt(prompt_token_ids=list(range(1000, 1016)))
+    params = SamplingParams(max_tokens=TRACE_TOKENS, ignore_eos=True, detokenize=False)
+    llm.start_profile()
+    llm.generate([prompt], params, use_tqdm=False)
+    llm.stop_profile()
+    summary = summarise(load_events(Path(trace_dir)), num_moe_layers)
+    print("TRACE", json.dumps(summary), flush=True)
+    return summary
 
 
 def offload_row(before: dict, after: dict, ntok: int, num_moe_layers: int) -> dict:

@@ -15,6 +15,8 @@
 #             start side by side and measure one at a time (--barrier); they must fit the card
 #             together, e.g. e2e "uva25 offload25+zerocopy" lat,thr,ttft   [later calls]
 #             or the concurrency sweep: e2e "offload25" n1,n4,n8,n16,n32,n64,n128
+#   trace SYSTEM: bench_e2e.py SYSTEM lat --trace: one sequence's decode steps under vLLM's
+#             torch profiler, split by trace_summary.py (where a synced layer step's time goes)
 #   plan    : `vllm-moe-offload plan` on the card (its profile: h2d, GEMM against tokens, the
 #             host-synced layer step's fixed cost) -> plan.json, for planner_check.py
 #   walk    : the full-size --predictable target and its oracle EAGLE-3 draft (miss rate 0.3)
@@ -121,6 +123,13 @@ guidellm)
   (cd "$dir/raw" && tar -cJf "$out/serve-logs.tar.xz" serve-*.log
    tar -cJf "$out/guidellm-raw.tar.xz" guidellm-*.json) 2>/dev/null
   exit $rc ;;
+trace)
+  with_vllm
+  dir=/root/trace-$(date +%s)
+  VLLM_MOE_ROUTING_SIMULATION_STRATEGY=uniform_random python3 benchmarks/bench_e2e.py "$2" lat \
+    --trace "$dir" --out "$out/e2e-trace.json" > "$out/e2e-trace.log" 2>&1
+  grep -E "RESULT|TRACE|Error" "$out/e2e-trace.log" | cut -c1-600
+  cp "$(ls -t "$dir"/*.pt.trace.json.gz | head -1)" "$out/trace.pt.trace.json.gz" ;;
 plan)
   with_vllm
   python3 -m vllm_moe_offload plan qwen3-30b-a3b-fp8 --out "$out/plan.json" 2>&1 | grep -v -i warn | tail -12 ;;

@@ -173,3 +173,35 @@ def test_spec_check_fits_the_acceptance_rate_and_checks_the_recommended_k():
     assert not third["within_best_two"]
     with pytest.raises(SystemExit, match="need offload"):
         check(sweep({1: 100, 2: 120, 3: 150}), profile, "qwen3-30b-a3b-fp8", 0.25, 32, 0.0)
+
+
+def test_trace_summary_splits_a_layer_step(tmp_path):
+    """Two layer steps of 1 ms each on one thread: 0.3 ms blocked in the sync, 0.02 ms in
+    launches, a launch outside the op not counted; the GPU busy 1.5 of its 2.5 ms window."""
+    import gzip
+    import json
+
+    from trace_summary import load_events, summarise
+
+    def x(cat, name, ts, dur, tid=1):
+        return dict(ph="X", cat=cat, name=name, ts=ts, dur=dur, pid=7, tid=tid)
+
+    events = []
+    for ts in (0.0, 2000.0):
+        events += [x("cpu_op", "vllm::moe_offload_experts", ts, 1000.0),
+                   x("cuda_runtime", "cudaMemcpyAsync", ts + 10, 5.0),
+                   x("cuda_runtime", "cudaStreamSynchronize", ts + 20, 300.0),
+                   x("cuda_runtime", "cudaLaunchKernel", ts + 400, 5.0),
+                   x("kernel", "gemm", ts + 500, 500.0, tid=9)]
+    events += [x("cuda_runtime", "cudaLaunchKernel", 1500.0, 50.0),  # between the steps
+               x("cuda_runtime", "cudaStreamSynchronize", 30.0, 10.0, tid=2),  # other thread
+               x("gpu_memcpy", "Memcpy HtoD (Pinned -> Device)", 1000.0, 500.0, tid=9)]
+    path = tmp_path / "host.pt.trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events + [dict(ph="M", name="process_name")]}, f)
+    got = summarise(load_events(tmp_path), layers=2)
+    assert got["layer_steps"] == 2 and got["decode_steps"] == 1.0
+    assert (got["op_ms_per_layer"], got["sync_ms_per_layer"], got["launch_ms_per_layer"],
+            got["host_rest_ms_per_layer"]) == (1.0, 0.3, 0.01, 0.69)
+    assert (got["gpu_window_ms"], got["gpu_busy_share"]) == (2.5, 0.6)
+    assert (got["kernel_ms"], got["h2d_ms"], got["h2d_copies"]) == (1.0, 0.5, 1)
