@@ -26,15 +26,23 @@ LAUNCH = ("cudaLaunchKernel", "cuLaunchKernel", "cudaMemcpyAsync", "cudaGraphLau
           "cudaEventRecord", "cudaStreamWaitEvent")
 
 
-def load_events(path: Path) -> list[dict]:
-    if path.is_dir():
-        traces = sorted(path.rglob("*.pt.trace.json*"), key=lambda p: p.stat().st_mtime)
-        if not traces:
-            raise SystemExit(f"no *.pt.trace.json[.gz] under {path}")
-        path = traces[-1]
+def read_trace(path: Path) -> list[dict]:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt") as f:
         return [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
+
+
+def load_events(path: Path) -> list[dict]:
+    """A trace file's complete events; for a directory, the newest trace that holds the op
+    (a front-end process may write a trace of its own beside the worker's)."""
+    if not path.is_dir():
+        return read_trace(path)
+    traces = sorted(path.rglob("*.pt.trace.json*"), key=lambda p: p.stat().st_mtime)
+    if not traces:
+        raise SystemExit(f"no *.pt.trace.json[.gz] under {path}")
+    loaded = [read_trace(t) for t in reversed(traces)]
+    return next((events for events in loaded if any(e.get("name") == OP for e in events)),
+                loaded[0])
 
 
 def union_us(spans: list[tuple[float, float]]) -> float:

@@ -196,9 +196,12 @@ def test_trace_summary_splits_a_layer_step(tmp_path):
     events += [x("cuda_runtime", "cudaLaunchKernel", 1500.0, 50.0),  # between the steps
                x("cuda_runtime", "cudaStreamSynchronize", 30.0, 10.0, tid=2),  # other thread
                x("gpu_memcpy", "Memcpy HtoD (Pinned -> Device)", 1000.0, 500.0, tid=9)]
-    path = tmp_path / "host.pt.trace.json.gz"
+    path = tmp_path / "worker.pt.trace.json.gz"
     with gzip.open(path, "wt") as f:
         json.dump({"traceEvents": events + [dict(ph="M", name="process_name")]}, f)
+    # a newer front-end trace without the op beside it: the worker's is the one read
+    (tmp_path / "frontend.pt.trace.json").write_text(json.dumps({"traceEvents": [
+        x("cpu_op", "LLM.generate", 0.0, 9000.0)]}))
     got = summarise(load_events(tmp_path), layers=2)
     assert got["layer_steps"] == 2 and got["decode_steps"] == 1.0
     assert (got["op_ms_per_layer"], got["sync_ms_per_layer"], got["launch_ms_per_layer"],
