@@ -35,8 +35,7 @@ def synced_profile(path: str | None) -> HardwareProfile | None:
     """The card's measured profile (a `plan --out` JSON or a bare HardwareProfile JSON)."""
     if not path:
         return None
-    raw = json.loads(Path(path).read_text())
-    return HardwareProfile.from_json(json.dumps(raw.get("profile", raw)))
+    return HardwareProfile.from_json(Path(path).read_text())
 
 
 def synced_step_ms(card: HardwareProfile | None) -> float:

@@ -119,8 +119,7 @@ def main() -> None:
     args = parser.parse_args()
     reports = [(p, json.loads(Path(p).read_text())) for p in args.reports]
     check_comparable(args.reports, [r for _, r in reports])
-    raw = json.loads(Path(args.profile).read_text())
-    profile = HardwareProfile.from_json(json.dumps(raw.get("profile", raw)))
+    profile = HardwareProfile.from_json(Path(args.profile).read_text())
     bandwidths = [r["bw_h2d_gbs"] for _, r in reports if r.get("bw_h2d_gbs")]
     if bandwidths:
         profile = replace(profile, h2d_gbps=round(statistics.mean(bandwidths), 1))

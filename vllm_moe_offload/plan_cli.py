@@ -33,8 +33,7 @@ def model_geometry(model: str) -> MoeGeometry:
 def run_plan(args) -> None:
     geometry = model_geometry(args.model)
     if args.profile:
-        raw = json.loads(Path(args.profile).read_text())  # a profile, or a plan that holds one
-        profile = HardwareProfile.from_json(json.dumps(raw.get("profile", raw)))
+        profile = HardwareProfile.from_json(Path(args.profile).read_text())
     else:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         print(f"plan: measuring {device} (a few seconds)", flush=True)

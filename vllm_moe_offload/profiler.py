@@ -42,7 +42,10 @@ class HardwareProfile:
 
     @classmethod
     def from_json(cls, text: str) -> "HardwareProfile":
+        """A profile's JSON, or one that holds it under "profile" (a `plan --out` plan, a
+        planner_check report)."""
         raw = json.loads(text)
+        raw = raw.get("profile", raw)
         raw["gemm_ms"] = {int(k): float(v) for k, v in raw.get("gemm_ms", {}).items()}
         return cls(**raw)
 
