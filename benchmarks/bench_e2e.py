@@ -171,7 +171,7 @@ def main() -> None:
         result["bw_h2d_gbs"] = round(bw / 1e9, 1)
         rows = run_scenarios(llm, args, config, geometry, load_s, save)
         if args.trace:
-            result["trace"] = trace_decode(llm, config, args.trace, geometry.num_moe_layers)
+            result["trace"] = trace_decode(llm, args.trace, geometry.num_moe_layers)
             save(rows)
     print(f"{result['card']}  bw_h2d {result['bw_h2d_gbs']} GB/s  engine start {load_s:.0f} s")
     for r in rows:
@@ -237,7 +237,7 @@ def run_scenarios(llm, args, config: dict, geometry: MoeGeometry, load_s: float,
 TRACE_TOKENS = 16
 
 
-def trace_decode(llm, config: dict, trace_dir: str, num_moe_layers: int) -> dict:
+def trace_decode(llm, trace_dir: str, num_moe_layers: int) -> dict:
     """One sequence, a 16-token prompt and 16 new tokens, under vLLM's torch profiler (kept out
     of the timed scenarios): where a layer step's time goes (trace_summary.py)."""
     from trace_summary import load_events, summarise

@@ -40,9 +40,13 @@ def load_events(path: Path) -> list[dict]:
     traces = sorted(path.rglob("*.pt.trace.json*"), key=lambda p: p.stat().st_mtime)
     if not traces:
         raise SystemExit(f"no *.pt.trace.json[.gz] under {path}")
-    loaded = [read_trace(t) for t in reversed(traces)]
-    return next((events for events in loaded if any(e.get("name") == OP for e in events)),
-                loaded[0])
+    newest = None
+    for trace in reversed(traces):  # newest first, read only until one holds the op
+        events = read_trace(trace)
+        if any(e.get("name") == OP for e in events):
+            return events
+        newest = newest or events
+    return newest
 
 
 def union_us(spans: list[tuple[float, float]]) -> float:
