@@ -45,7 +45,8 @@ def load_events(path: Path) -> list[dict]:
         events = read_trace(trace)
         if any(e.get("name") == OP for e in events):
             return events
-        newest = newest or events
+        if newest is None:
+            newest = events
     return newest
 
 
