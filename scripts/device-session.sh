@@ -129,7 +129,8 @@ trace)
   VLLM_MOE_ROUTING_SIMULATION_STRATEGY=uniform_random python3 benchmarks/bench_e2e.py "$2" lat \
     --trace "$dir" --out "$out/e2e-trace.json" > "$out/e2e-trace.log" 2>&1
   grep -E "RESULT|TRACE|Error" "$out/e2e-trace.log" | cut -c1-600
-  cp "$(ls -t "$dir"/*.pt.trace.json.gz | head -1)" "$out/trace.pt.trace.json.gz" ;;
+  # every trace: trace_summary.py picks the one that holds the op, not merely the newest
+  cp "$dir"/*.pt.trace.json.gz "$out/" ;;
 plan)
   with_vllm
   python3 -m vllm_moe_offload plan qwen3-30b-a3b-fp8 --out "$out/plan.json" 2>&1 | grep -v -i warn | tail -12 ;;
