@@ -33,6 +33,18 @@ def routed_pairs(text: str) -> dict[str, float]:
     return per_layer
 
 
+def settled_metrics(url: str, timeout_s: float = 30) -> str:
+    """/metrics once two reads a tick apart agree: the worker exports from its own thread, so a
+    read right after the last request may show an export taken between two layers of a step."""
+    text, deadline = requests.get(f"{url}/metrics", timeout=30).text, time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        time.sleep(1.5)  # longer than StatsReporter.TICK_S
+        previous, text = text, requests.get(f"{url}/metrics", timeout=30).text
+        if routed_pairs(text) == routed_pairs(previous):
+            return text
+    raise AssertionError(f"/metrics still moving {timeout_s} s after the last request")
+
+
 def test_serve_answers_and_reports_counters(models, tmp_path):
     log = tmp_path / "serve.log"
     args = ["--enable-expert-offload", "--expert-cache-slots", str(CACHE_SLOTS)]
@@ -57,8 +69,8 @@ def test_serve_answers_and_reports_counters(models, tmp_path):
         while (not (lines := COUNTERS.findall(log.read_text()[warmup_end:]))
                and time.monotonic() < deadline):
             time.sleep(1)
+        metrics_text = settled_metrics(url)
         after = offload_metrics(url)
-        metrics_text = requests.get(f"{url}/metrics", timeout=30).text
     assert before["moe_offload_cache_slots"] == CACHE_SLOTS, before
     for counter in ("moe_offload_expert_hits_total", "moe_offload_expert_misses_total",
                     "moe_offload_h2d_bytes_total", "moe_offload_layer_steps_total"):
