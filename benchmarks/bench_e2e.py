@@ -6,8 +6,9 @@ request first-token and last-token times (vLLM's request stats) give TTFT and TP
 
 usage (GPU machine, kit env; VLLM_MOE_ROUTING_SIMULATION_STRATEGY=uniform_random for uniform
 routing): python benchmarks/bench_e2e.py SYSTEM SCENARIOS [--out F.json] [--preset P]
-  SYSTEM: stock | uvaNN | offloadNN[+prefetch][+zerocopy]   (NN: percent of the expert bytes
-          held on the GPU; +zerocopy: --expert-decode zero-copy)
+  SYSTEM: stock | uvaNN | offloadNN[+prefetch][+zerocopy|+auto]   (NN: percent of the expert
+          bytes held on the GPU; offloadNN: --expert-decode synced; +zerocopy: zero-copy;
+          +auto: auto, the plugin's default)
   SCENARIOS: comma-separated lat,thr,ttft or nN (N sequences of 128 -> 64 tokens: the
              concurrency sweep the planner's --max-num-seqs is checked against; 64 decode
              steps keep n128 near half a minute at a 25% budget)
@@ -68,10 +69,13 @@ def measure_alone(barrier: tuple[Path, int] | None, system: str, timeout_s: floa
     return lock
 
 
+DECODE_EXTRAS = {"zerocopy": "zero-copy", "auto": "auto"}  # system name extra -> --expert-decode
+
+
 def parse_system(system: str) -> tuple[str, float | None, set[str]]:
     """'offload25+prefetch' -> ('offload', 0.25, {'prefetch'})."""
     name, *extras = system.split("+")
-    if not set(extras) <= {"prefetch", "zerocopy"}:
+    if not set(extras) <= {"prefetch", *DECODE_EXTRAS} or len(set(extras) & set(DECODE_EXTRAS)) > 1:
         raise SystemExit(f"unknown system {system!r}")
     for kind in ("uva", "offload"):
         if name.startswith(kind):
@@ -94,7 +98,7 @@ def engine_kwargs(system: str, model_dir: Path, expert_gib: float, engines: int 
         kw["additional_config"] = {"expert_offload": {
             "enabled": True, "cache_gb": expert_gib * share,
             "prefetch": "correlation" if "prefetch" in extras else "off",
-            "decode": "zero-copy" if "zerocopy" in extras else "synced"}}
+            "decode": next((DECODE_EXTRAS[x] for x in extras if x in DECODE_EXTRAS), "synced")}}
     if not torch.cuda.is_available():  # a CPU smoke run of this script
         kw.update(kv_cache_memory_bytes=None, max_model_len=512, gpu_memory_utilization=0.3,
                   enforce_eager=True)

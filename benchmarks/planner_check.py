@@ -8,7 +8,8 @@ n = 64 (per-sequence slope), and, for host-synced systems, the fixed cost of one
 step that `vllm-moe-offload plan` measured on the same card (--profile; its
 `layer_overhead_ms`) and, as the synced step runs eagerly between CUDA-graph pieces, its
 eager GEMM times (`gemm_ms`) in place of the graph replays. Zero-copy systems (+zerocopy) run
-whole decode steps in graphs and never sync, so they keep the replays and get no such cost.
+whole decode steps in graphs and never sync, so they keep the replays and get no such cost;
++auto systems do so up to AUTO_GRAPH_TOKENS sequences and are priced as synced beyond.
 
 Rows: every lat, thr and nN scenario of the offload runs. For a run with a concurrency sweep
 (nN scenarios) it also checks the planner's recommended --max-num-seqs: the n of highest
@@ -24,6 +25,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+from vllm_moe_offload.config import AUTO_GRAPH_TOKENS
 from vllm_moe_offload.plan_cli import model_geometry
 from vllm_moe_offload.planner import recommend, solve
 from vllm_moe_offload.profiler import HardwareProfile
@@ -53,6 +55,14 @@ def base_profile(kernels: dict, stock_rows: dict, layers: int) -> HardwareProfil
     return replace(profile, layer_overhead_ms=rest[1] - per_seq, attention_ms_per_seq=per_seq)
 
 
+def decode_mode(system: str, n: int) -> str:
+    """How a run's decode steps at n sequences ran: +zerocopy in graphs, +auto in graphs up to
+    AUTO_GRAPH_TOKENS tokens, the rest host-synced."""
+    if "zerocopy" in system or ("auto" in system and n <= AUTO_GRAPH_TOKENS):
+        return "zero-copy"
+    return "synced"
+
+
 def check_run(run: dict, base: HardwareProfile, geometry,
               synced_card: HardwareProfile | None = None) -> dict:
     """Predicted against measured rows of one offload run, and its sweep's recommendation;
@@ -60,27 +70,33 @@ def check_run(run: dict, base: HardwareProfile, geometry,
     rows = [r for r in run["rows"] if r["scenario"] in ("lat", "thr")
             or r["scenario"].startswith("n")]
     system = rows[0]["system"] if rows else "?"
-    synced = "zerocopy" not in system
-    profile = replace(base, h2d_gbps=run["bw_h2d_gbs"])
-    sync_ms = synced_step_ms(synced_card) if synced else 0.0
-    if sync_ms:
-        profile = replace(profile, gemm_ms=synced_card.gemm_ms,
-                          layer_overhead_ms=base.layer_overhead_ms + sync_ms)
+    graphs = replace(base, h2d_gbps=run["bw_h2d_gbs"])
+    sync_ms = synced_step_ms(synced_card)
+    profiles = {"zero-copy": graphs, "synced": graphs if not sync_ms else replace(
+        graphs, gemm_ms=synced_card.gemm_ms, layer_overhead_ms=base.layer_overhead_ms + sync_ms)}
+    modes = {r["n"]: decode_mode(system, r["n"]) for r in rows}
+
+    def predict(budget: float, n: int):
+        return solve(profiles[modes[n]], geometry, budget, n_values=(n,))[0]
+
     out = []
     for measured in rows:
-        predicted = solve(profile, geometry, measured["budget"], n_values=(measured["n"],))[0]
+        predicted = predict(measured["budget"], measured["n"])
         out.append(dict(system=system, scenario=measured["scenario"], budget=measured["budget"],
-                        n=measured["n"], predicted_tok_s=round(predicted.tok_s, 1),
+                        n=measured["n"], mode=modes[measured["n"]],
+                        predicted_tok_s=round(predicted.tok_s, 1),
                         measured_tok_s=measured["tok_s"],
                         error=round(predicted.tok_s / measured["tok_s"] - 1, 3)))
-    result = dict(system=system, mode="synced" if synced else "zero-copy",
-                  h2d_gbps=profile.h2d_gbps, sync_overhead_ms=sync_ms,
-                  gemm=("eager (--profile)" if sync_ms else "graph replays (--kernels)"),
-                  rows=out)
+    used = sorted(set(modes.values()))
+    result = dict(system=system, mode=used[0] if len(used) == 1 else "auto",
+                  h2d_gbps=graphs.h2d_gbps,
+                  sync_overhead_ms=sync_ms if "synced" in used else 0.0,
+                  gemm=("eager (--profile)" if sync_ms and "synced" in used
+                        else "graph replays (--kernels)"), rows=out)
     sweep = {r["n"]: r["measured_tok_s"] for r in out if r["scenario"].startswith("n")}
     if len(sweep) > 1:
         budget = next(r["budget"] for r in out if r["scenario"].startswith("n"))
-        chosen = recommend(solve(profile, geometry, budget, n_values=tuple(sorted(sweep))))
+        chosen = recommend([predict(budget, n) for n in sorted(sweep)])
         best = max(sweep, key=sweep.get)
         result.update(recommended_max_num_seqs=chosen.n, measured_best_n=best,
                       recommended_share_of_best=round(sweep[chosen.n] / sweep[best], 3),

@@ -16,6 +16,28 @@ from vllm_moe_offload.planner import solve  # noqa: E402
 from vllm_moe_offload.profiler import HardwareProfile  # noqa: E402
 
 
+def test_systems_name_their_decode_path(tmp_path):
+    import json
+
+    from bench_e2e import engine_kwargs
+    from guidellm_sweep import server_kwargs
+
+    from vllm_moe_offload.checkpoint import PRESETS, hf_config
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(PRESETS["qwen3-30b-a3b-fp8"])))
+
+    def decode(system):
+        return engine_kwargs(system, Path("m"), 28.0)["additional_config"]["expert_offload"][
+            "decode"]
+    assert [decode(s) for s in ("offload25", "offload25+zerocopy", "offload25+prefetch+auto")
+            ] == ["synced", "zero-copy", "auto"]
+    for bad in ("offload25+auto+zerocopy", "offload25+eager"):
+        with pytest.raises(SystemExit, match="unknown system"):
+            engine_kwargs(bad, Path("m"), 28.0)
+    for system, mode in (("offload+auto", "auto"), ("offload", "synced")):
+        served = server_kwargs(system, tmp_path, None, 0.25, True, False)
+        assert served["additional_config"]["expert_offload"]["decode"] == mode
+
+
 def test_scenarios_by_name_and_concurrency():
     assert scenario_shape("lat") == (1, 128, 256)
     assert scenario_shape("ttft") == (16, 2048, 16)
@@ -66,6 +88,12 @@ def test_planner_check_charges_the_sync_to_synced_runs_only_and_checks_the_recom
     assert [r["predicted_tok_s"] for r in synced["rows"]] == [
         round(slower[n], 1) for n in (1, 8, 64)]
     assert slower[1] < predicted[1] / 2
+    # auto: the single sequence decodes in graphs, 8 and 64 sequences are host-synced
+    auto = check_run(sweep_run("offload25+auto", predicted), base, geometry, card)
+    assert auto["mode"] == "auto" and [r["mode"] for r in auto["rows"]] == [
+        "zero-copy", "synced", "synced"]
+    assert [r["predicted_tok_s"] for r in auto["rows"]] == [
+        round(predicted[1], 1), round(slower[8], 1), round(slower[64], 1)]
     # the planner picks n=64 (highest predicted); measured, n=8 is best and 64 is 20% behind
     measured = {1: 10.0, 8: 100.0, 64: 80.0}
     run = check_run(sweep_run("offload25", measured), base, geometry)
@@ -79,7 +107,9 @@ def test_sweep_systems_name_their_draft_length():
     from guidellm_sweep import spec_tokens
     assert spec_tokens("offload+eagle3", 3) == 3 and spec_tokens("offload+eagle3k5", 3) == 5
     assert spec_tokens("offload", 3) is None and spec_tokens("stock", 3) is None
-    for bad in ("offload+eagle3k0", "offload+eagle3k", "offload+eagle", "uva+eagle3k2"):
+    assert spec_tokens("offload+auto", 3) is None
+    for bad in ("offload+eagle3k0", "offload+eagle3k", "offload+eagle", "uva+eagle3k2",
+                "offload+zerocopy"):
         with pytest.raises(SystemExit, match="unknown system"):
             spec_tokens(bad, 3)
 

@@ -98,6 +98,49 @@ def test_zero_copy_decode_keeps_prefill_out_of_full_graphs():
     from vllm_moe_offload.hooks import _require_eager_mixed_batches
     for ok in (None, CUDAGraphMode.FULL_AND_PIECEWISE, CUDAGraphMode.FULL_DECODE_ONLY,
                CUDAGraphMode.PIECEWISE, CUDAGraphMode.NONE):
-        _require_eager_mixed_batches(types.SimpleNamespace(cudagraph_mode=ok))
-    with pytest.raises(ValueError, match="use FULL_AND_PIECEWISE"):
-        _require_eager_mixed_batches(types.SimpleNamespace(cudagraph_mode=CUDAGraphMode.FULL))
+        _require_eager_mixed_batches(types.SimpleNamespace(cudagraph_mode=ok), "zero-copy")
+    with pytest.raises(ValueError, match=r"--expert-decode auto runs decode in CUDA graphs.*"
+                                         r"use FULL_AND_PIECEWISE.*-cc.cudagraph_mode=PIECEWISE"):
+        _require_eager_mixed_batches(types.SimpleNamespace(cudagraph_mode=CUDAGraphMode.FULL),
+                                     "auto")
+
+
+def engine_config(mode=None, enforce_eager=False, speculative_config=None):
+    return types.SimpleNamespace(
+        compilation_config=types.SimpleNamespace(cudagraph_mode=mode),
+        model_config=types.SimpleNamespace(enforce_eager=enforce_eager),
+        speculative_config=speculative_config)
+
+
+def test_decode_auto_takes_graphs_only_where_they_exist(monkeypatch):
+    from vllm.config.compilation import CUDAGraphMode
+    from vllm.platforms import current_platform
+    auto = OffloadConfig(True)
+    assert auto.decode == "auto"
+    assert auto.decode_path(engine_config()) == "synced"  # this CPU: no CUDA graphs
+    monkeypatch.setattr(current_platform, "is_cuda_alike", lambda: True)
+    assert auto.decode_path(engine_config()) == "zero-copy"  # vLLM's default graph mode
+    assert auto.decode_path(engine_config(CUDAGraphMode.FULL_AND_PIECEWISE)) == "zero-copy"
+    for eager in (engine_config(CUDAGraphMode.PIECEWISE), engine_config(CUDAGraphMode.NONE),
+                  engine_config(enforce_eager=True),
+                  engine_config(speculative_config=types.SimpleNamespace(method="eagle3"))):
+        assert auto.decode_path(eager) == "synced", eager
+    spec = engine_config(speculative_config=types.SimpleNamespace(method="eagle3"))
+    assert OffloadConfig(True, decode="zero-copy").decode_path(spec) == "zero-copy"
+    assert OffloadConfig(True, decode="synced").decode_path(engine_config()) == "synced"
+
+
+def test_decode_auto_limits_graphs_to_small_batches():
+    from vllm_moe_offload.config import AUTO_GRAPH_TOKENS
+    from vllm_moe_offload.hooks import _limit_graph_batches
+
+    def compilation(max_size=None, sizes=None):
+        return types.SimpleNamespace(max_cudagraph_capture_size=max_size,
+                                     cudagraph_capture_sizes=sizes)
+    default = compilation()
+    _limit_graph_batches(default)
+    assert default.max_cudagraph_capture_size == AUTO_GRAPH_TOKENS == 2
+    for given in (compilation(max_size=8), compilation(sizes=[1, 2, 4])):
+        before = vars(given).copy()
+        _limit_graph_batches(given)  # the user's sizes move the boundary
+        assert vars(given) == before

@@ -9,7 +9,12 @@ before it calls `EngineArgs.add_cli_args`, so the wrapped version is the one use
 
 import argparse
 
-from vllm_moe_offload.config import ADDITIONAL_CONFIG_KEY, DECODE_MODES, PREFETCH_MODES
+from vllm_moe_offload.config import (
+    ADDITIONAL_CONFIG_KEY,
+    AUTO_GRAPH_TOKENS,
+    DECODE_MODES,
+    PREFETCH_MODES,
+)
 from vllm_moe_offload.policies import POLICIES
 
 # (flag, OffloadConfig key, argparse kwargs)
@@ -32,9 +37,12 @@ _FLAGS = [
           help="Load the next layer's likely experts early (default: off).")),
     ("--expert-decode", "decode",
      dict(type=str, default=None, choices=list(DECODE_MODES),
-          help="synced (default): every layer step syncs on routing and fetches its missing "
-               "experts; zero-copy (experimental): decode runs in FULL CUDA graphs and reads "
-               "missing experts from host memory, prefill still fetches.")),
+          help=f"auto (default): decode batches of up to {AUTO_GRAPH_TOKENS} tokens run in "
+               "CUDA graphs and read missing experts from host memory, larger batches and "
+               "prefill fetch them into the cache (all fetch on CPU, with --enforce-eager or "
+               "with speculative decoding); synced: every layer step syncs on routing and "
+               "fetches its missing experts; zero-copy: every decode batch vLLM runs in CUDA "
+               "graphs reads them from host memory, prefill still fetches.")),
     ("--expert-pinned-limit-gb", "pinned_limit_gb",
      dict(type=float, default=None,
           help="Fail at start-up if the host expert store would need more than this, GiB.")),

@@ -12,7 +12,13 @@ from vllm_moe_offload.policies import POLICIES
 
 ADDITIONAL_CONFIG_KEY = "expert_offload"
 PREFETCH_MODES = ("off", "correlation")
-DECODE_MODES = ("synced", "zero-copy")
+DECODE_MODES = ("auto", "synced", "zero-copy")
+# "auto": decode batches of at most this many tokens run zero-copy in CUDA graphs, larger ones
+# fetch. Measured crossover (H200, 25% cache, benchmarks/results/e2e-h200/session4): zero-copy
+# 24.5 against synced 13.1 tok/s at 1 sequence, 29.6 against 31.7 at 4, 8-18% behind up to 128
+# (its kernels read host memory at 43-46 GB/s, the copy engine moves 52-53). 2 and 3 were not
+# measured; at 2 the synced step's ~1.5 ms of host work per layer still outlasts its copies.
+AUTO_GRAPH_TOKENS = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,9 +29,11 @@ class OffloadConfig:
     policy: str = "lfu"  # beat or tied lru in every cell of benchmarks/cache_sim.py
     prefetch: str = "off"  # "correlation": load the next layer's predicted experts early
     pinned_limit_gb: float | None = None  # cap on host memory for the expert store
+    # "synced": every layer step syncs on routing and fetches its missing experts.
     # "zero-copy": decode steps run inside FULL CUDA graphs, reading missing experts from host
-    # memory; prefill keeps the host-synced fetch (experimental, see step.graph_step)
-    decode: str = "synced"
+    # memory (see step.graph_step); prefill keeps the host-synced fetch.
+    # "auto": zero-copy for decode batches up to AUTO_GRAPH_TOKENS tokens, synced beyond.
+    decode: str = "auto"
 
     def __post_init__(self) -> None:
         _check_type("enabled", self.enabled, bool)
@@ -52,6 +60,22 @@ class OffloadConfig:
         if self.policy not in POLICIES:
             raise ValueError(f"expert offload: unknown --expert-cache-policy {self.policy!r}; "
                              f"choose one of {', '.join(POLICIES)}")
+
+    def decode_path(self, vllm_config) -> str:
+        """"synced" or "zero-copy": what `decode` means for this engine. Pure in the config, so
+        the front end's hook and the worker's model resolve "auto" alike."""
+        if self.decode != "auto":
+            return self.decode
+        from vllm.platforms import current_platform
+        mode = vllm_config.compilation_config.cudagraph_mode
+        if (not current_platform.is_cuda_alike() or vllm_config.model_config.enforce_eager
+                or (mode is not None and not mode.has_full_cudagraphs())):
+            return "synced"  # no FULL decode graphs: every step runs eagerly anyway
+        if vllm_config.speculative_config is not None:
+            # EAGLE-3 with offload is measured host-synced; its decode batches in FULL graphs
+            # over the cache are not validated on a GPU yet
+            return "synced"
+        return "zero-copy"
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any] | None) -> "OffloadConfig":

@@ -61,12 +61,13 @@ class Qwen3MoeOffloadForCausalLM(compat.UpstreamQwen3Moe):
         geometry, plan = plan_for(vllm_config, offload)
         store = ExpertStore(geometry.layout, geometry.num_moe_layers, geometry.num_experts,
                             limit_bytes=pinned_limit_bytes(offload))
+        decode = offload.decode_path(vllm_config)
         cache = ExpertCache(store, plan.num_slots, offload.policy,
                             device=vllm_config.device_config.device,
-                            graph_decode=offload.decode == "zero-copy")
-        logger.info("expert offload: %s of experts in %s host memory; cache %s",
+                            graph_decode=decode == "zero-copy")
+        logger.info("expert offload: %s of experts in %s host memory; cache %s; decode %s",
                     format_bytes(store.nbytes), "pinned" if store.pin else "pageable",
-                    plan.describe(geometry))
+                    plan.describe(geometry), decode)
         prefetcher = (CorrelationPrefetcher(geometry.num_moe_layers, geometry.num_experts)
                       if offload.prefetch == "correlation" else None)
         with compat.swapped_moe_block(_bind_block(cache, geometry, prefetcher)):
@@ -74,7 +75,7 @@ class Qwen3MoeOffloadForCausalLM(compat.UpstreamQwen3Moe):
         self.expert_cache = cache
         if len(cache.resident_layers) < store.num_layers:
             mode = vllm_config.compilation_config.cudagraph_mode
-            if (offload.decode == "synced" and mode is not None
+            if (decode == "synced" and mode is not None
                     and mode.has_full_cudagraphs()):  # the config hook prevents it
                 raise ValueError(f"expert offload: cudagraph_mode {mode.name} would capture "
                                  "the host sync on routing; use PIECEWISE")

@@ -7,7 +7,8 @@ import pytest
 from tests.e2e.conftest import CACHE_SLOTS, HAS_CUDA, assert_greedy_close, generate
 
 pytestmark = pytest.mark.e2e
-OFFLOAD = {"expert_offload": {"enabled": True, "cache_slots": CACHE_SLOTS}}
+# synced: every step fetches (on CUDA under PIECEWISE graphs); the graph paths come below
+OFFLOAD = {"expert_offload": {"enabled": True, "cache_slots": CACHE_SLOTS, "decode": "synced"}}
 
 
 def offload_run(models, preset, tmp_path, compiled: bool, prefetch: str = "off"):
@@ -69,6 +70,22 @@ def test_tiny_bf16_zero_copy_decode_equals_stock(models, tmp_path):
     assert stats["misses"] > 0 and stats["hits"] > 0 and stats["host_syncs"] > 0  # prefill
     assert stats["layer_steps"] > stats["host_syncs"]  # decode steps ran inside graphs
     assert stats["graph_lookups"] > stats["graph_misses"] > 0  # slots and host memory read
+    assert_greedy_close(stock, offload)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="--expert-decode auto fetches everywhere without CUDA")
+def test_tiny_bf16_auto_decode_equals_stock(models, tmp_path):
+    # Two sequences at a time: their decode batches (2 tokens) run zero-copy in FULL graphs,
+    # prefill and mixed batches (more tokens) run eagerly and fetch.
+    stock = generate(models["tiny"], tmp_path, llm_kwargs={"enforce_eager": False})
+    settings = {"expert_offload": {"enabled": True, "cache_slots": CACHE_SLOTS}}
+    offload = generate(models["tiny"], tmp_path, settings,
+                       llm_kwargs={"enforce_eager": False, "max_num_seqs": 2})
+    stats = offload["stats"]
+    assert stats["host_syncs"] > 0 and stats["evictions"] > 0  # the fetching steps
+    assert stats["layer_steps"] > stats["host_syncs"]  # and the graph steps
+    assert stats["graph_lookups"] > stats["graph_misses"] > 0
     assert_greedy_close(stock, offload)
 
 
