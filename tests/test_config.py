@@ -95,21 +95,24 @@ def test_unsupported_models():
 def test_zero_copy_decode_keeps_prefill_out_of_full_graphs():
     from vllm.config.compilation import CUDAGraphMode
 
-    from vllm_moe_offload.hooks import _require_eager_mixed_batches
+    from vllm_moe_offload.hooks import require_eager_mixed_batches
     for ok in (None, CUDAGraphMode.FULL_AND_PIECEWISE, CUDAGraphMode.FULL_DECODE_ONLY,
                CUDAGraphMode.PIECEWISE, CUDAGraphMode.NONE):
-        _require_eager_mixed_batches(types.SimpleNamespace(cudagraph_mode=ok), "zero-copy")
+        require_eager_mixed_batches(types.SimpleNamespace(cudagraph_mode=ok), "zero-copy")
     with pytest.raises(ValueError, match=r"--expert-decode auto runs decode in CUDA graphs.*"
                                          r"use FULL_AND_PIECEWISE.*-cc.cudagraph_mode=PIECEWISE"):
-        _require_eager_mixed_batches(types.SimpleNamespace(cudagraph_mode=CUDAGraphMode.FULL),
+        require_eager_mixed_batches(types.SimpleNamespace(cudagraph_mode=CUDAGraphMode.FULL),
                                      "auto")
 
 
-def engine_config(mode=None, enforce_eager=False, speculative_config=None):
+def engine_config(mode=None, enforce_eager=False, speculative_config=None, level=2,
+                  pooler_config=None, kv_transfer_config=None):
     return types.SimpleNamespace(
         compilation_config=types.SimpleNamespace(cudagraph_mode=mode),
-        model_config=types.SimpleNamespace(enforce_eager=enforce_eager),
-        speculative_config=speculative_config)
+        model_config=types.SimpleNamespace(enforce_eager=enforce_eager,
+                                           pooler_config=pooler_config),
+        speculative_config=speculative_config, optimization_level=level,
+        kv_transfer_config=kv_transfer_config)
 
 
 def test_decode_auto_takes_graphs_only_where_they_exist(monkeypatch):
@@ -119,14 +122,19 @@ def test_decode_auto_takes_graphs_only_where_they_exist(monkeypatch):
     assert auto.decode == "auto"
     assert auto.decode_path(engine_config()) == "synced"  # this CPU: no CUDA graphs
     monkeypatch.setattr(current_platform, "is_cuda_alike", lambda: True)
-    assert auto.decode_path(engine_config()) == "zero-copy"  # vLLM's default graph mode
+    # the hook sees no mode yet: vLLM's default at -O2 and -O3 has FULL decode graphs
+    assert auto.decode_path(engine_config()) == "zero-copy"
+    assert auto.decode_path(engine_config(level=3)) == "zero-copy"
     assert auto.decode_path(engine_config(CUDAGraphMode.FULL_AND_PIECEWISE)) == "zero-copy"
+    spec = types.SimpleNamespace(method="eagle3")
     for eager in (engine_config(CUDAGraphMode.PIECEWISE), engine_config(CUDAGraphMode.NONE),
-                  engine_config(enforce_eager=True),
-                  engine_config(speculative_config=types.SimpleNamespace(method="eagle3"))):
+                  engine_config(level=1), engine_config(level=0),
+                  engine_config(enforce_eager=True), engine_config(speculative_config=spec),
+                  engine_config(pooler_config=object()),
+                  engine_config(kv_transfer_config=object())):
         assert auto.decode_path(eager) == "synced", eager
-    spec = engine_config(speculative_config=types.SimpleNamespace(method="eagle3"))
-    assert OffloadConfig(True, decode="zero-copy").decode_path(spec) == "zero-copy"
+    assert OffloadConfig(True, decode="zero-copy").decode_path(
+        engine_config(speculative_config=spec)) == "zero-copy"
     assert OffloadConfig(True, decode="synced").decode_path(engine_config()) == "synced"
 
 

@@ -62,15 +62,15 @@ class OffloadConfig:
                              f"choose one of {', '.join(POLICIES)}")
 
     def decode_path(self, vllm_config) -> str:
-        """"synced" or "zero-copy": what `decode` means for this engine. Pure in the config, so
-        the front end's hook and the worker's model resolve "auto" alike."""
+        """"synced" or "zero-copy": what `decode` means for this engine. The front end's hook
+        (before vLLM fills in its graph defaults) and the worker's model (after) resolve
+        "auto" alike."""
         if self.decode != "auto":
             return self.decode
         from vllm.platforms import current_platform
-        mode = vllm_config.compilation_config.cudagraph_mode
         if (not current_platform.is_cuda_alike() or vllm_config.model_config.enforce_eager
-                or (mode is not None and not mode.has_full_cudagraphs())):
-            return "synced"  # no FULL decode graphs: every step runs eagerly anyway
+                or not _full_decode_graphs(vllm_config)):
+            return "synced"  # every decode step runs eagerly anyway
         if vllm_config.speculative_config is not None:
             # EAGLE-3 with offload is measured host-synced; its decode batches in FULL graphs
             # over the cache are not validated on a GPU yet
@@ -93,6 +93,22 @@ class OffloadConfig:
         if not isinstance(additional, dict):
             return cls()
         return cls.from_dict(additional.get(ADDITIONAL_CONFIG_KEY))
+
+
+def _full_decode_graphs(vllm_config) -> bool:
+    """Whether vLLM will run decode in FULL CUDA graphs: the user's graph mode, else (in a
+    config hook, before vLLM applies it) the optimization level's default; never for pooling
+    or a KV-transfer instance, for which vLLM overrides full graphs with PIECEWISE."""
+    model_config = vllm_config.model_config
+    if (getattr(model_config, "pooler_config", None) is not None
+            or getattr(vllm_config, "kv_transfer_config", None) is not None):
+        return False
+    mode = vllm_config.compilation_config.cudagraph_mode
+    if mode is None:
+        from vllm.config.vllm import OPTIMIZATION_LEVEL_TO_CONFIG
+        mode = OPTIMIZATION_LEVEL_TO_CONFIG[vllm_config.optimization_level][
+            "compilation_config"]["cudagraph_mode"]
+    return mode.has_full_cudagraphs()
 
 
 def _check_type(name: str, value, types, optional: bool = False) -> None:

@@ -29,7 +29,7 @@ def verify_offload_model(vllm_config) -> None:
         if offload.decode_path(vllm_config) == "synced":
             _cap_at_piecewise(compilation)
         else:
-            _require_eager_mixed_batches(compilation, offload.decode)
+            require_eager_mixed_batches(compilation, offload.decode)
             if offload.decode == "auto":
                 _limit_graph_batches(compilation)
     parallel = vllm_config.parallel_config
@@ -49,7 +49,7 @@ def _cap_at_piecewise(compilation) -> None:
             "--expert-decode zero-copy")
 
 
-def _require_eager_mixed_batches(compilation, decode: str) -> None:
+def require_eager_mixed_batches(compilation, decode: str) -> None:
     """Zero-copy decode: graphs only for decode batches; prefill and mixed batches must run
     eagerly (piecewise), where the synced step fetches (in a graph they would never fetch)."""
     mode = compilation.cudagraph_mode

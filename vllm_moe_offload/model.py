@@ -12,6 +12,7 @@ from vllm_moe_offload import compat, envs
 from vllm_moe_offload.cache import ExpertCache
 from vllm_moe_offload.config import OffloadConfig
 from vllm_moe_offload.geometry import MoeGeometry
+from vllm_moe_offload.hooks import require_eager_mixed_batches
 from vllm_moe_offload.layer import OffloadSparseMoeBlock, register_ops
 from vllm_moe_offload.metrics import PrometheusExporter, StatsReporter, logger
 from vllm_moe_offload.planner import GIB, CachePlan, format_bytes, plan_cache
@@ -79,6 +80,8 @@ class Qwen3MoeOffloadForCausalLM(compat.UpstreamQwen3Moe):
                     and mode.has_full_cudagraphs()):  # the config hook prevents it
                 raise ValueError(f"expert offload: cudagraph_mode {mode.name} would capture "
                                  "the host sync on routing; use PIECEWISE")
+            if decode == "zero-copy":  # vLLM may have made the mode FULL after the hook
+                require_eager_mixed_batches(vllm_config.compilation_config, offload.decode)
             compat.add_splitting_op(vllm_config)
         if _is_dummy_load(vllm_config):
             store.fill_random(seed=vllm_config.model_config.seed or 0)
