@@ -11,7 +11,7 @@ vLLM's torch profiler writes, e.g. `bench_e2e.py SYSTEM lat --trace DIR`) into:
     is the GPU waiting for the host).
 Prints a table and writes trace_summary.json beside the trace.
 
-usage: python benchmarks/trace_summary.py TRACE_OR_DIR [--layers 48]
+usage: python benchmarks/trace_summary.py TRACE_OR_DIR [--layers 48] [--op EVENT]
 """
 
 import argparse
@@ -32,7 +32,7 @@ def read_trace(path: Path) -> list[dict]:
         return [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
 
 
-def load_events(path: Path) -> list[dict]:
+def load_events(path: Path, op: str = OP) -> list[dict]:
     """A trace file's complete events; for a directory, the newest trace that holds the op
     (a front-end process may write a trace of its own beside the worker's)."""
     if not path.is_dir():
@@ -43,7 +43,7 @@ def load_events(path: Path) -> list[dict]:
     newest = None
     for trace in reversed(traces):  # newest first, read only until one holds the op
         events = read_trace(trace)
-        if any(e.get("name") == OP for e in events):
+        if any(e.get("name") == op for e in events):
             return events
         if newest is None:
             newest = events
@@ -79,8 +79,8 @@ def time_inside(events: list[dict], outers: list[dict]) -> float:
     return total
 
 
-def summarise(events: list[dict], layers: int) -> dict:
-    ops = [e for e in events if e.get("name") == OP]
+def summarise(events: list[dict], layers: int, op: str = OP) -> dict:
+    ops = [e for e in events if e.get("name") == op]
     runtime = [e for e in events if e.get("cat") == "cuda_runtime"]
     gpu = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
 
@@ -116,9 +116,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("trace", help="a trace file or a directory holding traces (newest)")
     parser.add_argument("--layers", type=int, default=48, help="MoE layers per decode step")
+    parser.add_argument("--op", default=OP, help="the event of one layer step (bench_step.py: "
+                        "moe_offload_step)")
     args = parser.parse_args()
     path = Path(args.trace)
-    result = summarise(load_events(path), args.layers)
+    result = summarise(load_events(path, args.op), args.layers, args.op)
     out = (path if path.is_dir() else path.parent) / "trace_summary.json"
     out.write_text(json.dumps(result, indent=2))
     for key, value in result.items():

@@ -17,6 +17,9 @@
 #             or the concurrency sweep: e2e "offload25" n1,n4,n8,n16,n32,n64,n128
 #   trace SYSTEM: bench_e2e.py SYSTEM lat --trace: one sequence's decode steps under vLLM's
 #             torch profiler, split by trace_summary.py (where a synced layer step's time goes)
+#   step [TOKENS]: benchmarks/bench_step.py, the plugin's layer steps (synced and zero-copy)
+#             with misses and no engine around them (8 layers, 25%), traced and split by
+#             trace_summary.py; vLLM staged only for its grouping kernel, no engine starts
 #   plan    : `vllm-moe-offload plan` on the card (its profile: h2d, GEMM against tokens, the
 #             host-synced layer step's fixed cost) -> plan.json, for planner_check.py
 #   walk    : the full-size --predictable target and its oracle EAGLE-3 draft (miss rate 0.3)
@@ -131,6 +134,15 @@ trace)
   grep -E "RESULT|TRACE|Error" "$out/e2e-trace.log" | cut -c1-600
   # every trace: trace_summary.py picks the one that holds the op, not merely the newest
   cp "$dir"/*.pt.trace.json.gz "$out/" ;;
+step)
+  with_vllm  # vLLM's moe_align_block_size, as in the engine (torch ops stand in without it)
+  python3 benchmarks/bench_step.py --tokens "${2:-1,2,4,8,32}" --trace /root/step-trace \
+    --out "$out/bench_step.json" 2>&1 | grep -v -i warn | tee "$out/bench_step.log" | tail -12
+  for d in /root/step-trace/*/; do
+    echo "== $(basename "$d")"
+    python3 benchmarks/trace_summary.py "$d" --op moe_offload_step --layers 8
+  done > "$out/step-traces.txt"
+  cat "$out/step-traces.txt" ;;
 plan)
   with_vllm
   python3 -m vllm_moe_offload plan qwen3-30b-a3b-fp8 --out "$out/plan.json" 2>&1 | grep -v -i warn | tail -12 ;;

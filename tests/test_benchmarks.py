@@ -238,3 +238,23 @@ def test_trace_summary_splits_a_layer_step(tmp_path):
             got["host_rest_ms_per_layer"]) == (1.0, 0.3, 0.01, 0.69)
     assert (got["gpu_window_ms"], got["gpu_busy_share"]) == (2.5, 0.6)
     assert (got["kernel_ms"], got["h2d_ms"], got["h2d_copies"]) == (1.0, 0.5, 1)
+
+
+def test_step_bench_counts_what_each_mode_does():
+    from bench_step import Bench
+    bench = Bench("tiny", layers=2, budget=0.25, device="cpu")
+    g = bench.geometry
+    assert bench.num_slots == 2 * g.top_k  # 25% of 2 x 16 experts, at least top-k a layer
+    for tokens in (1, 4):
+        synced = bench.run("synced", tokens, steps=2, trace=None)
+        assert synced.host_syncs_per_layer == 1 and synced.misses_per_layer > 0
+        assert tokens * g.top_k >= synced.unique_per_layer >= g.top_k
+        zero_copy = bench.run("zero-copy", tokens, steps=2, trace=None)
+        assert zero_copy.host_syncs_per_layer == 0
+        # experts the prefill left in the slots are hits, the others read from host memory
+        assert 0 < zero_copy.misses_per_layer < zero_copy.unique_per_layer
+        for row in (synced, zero_copy):
+            assert row.copy_ms_per_layer == pytest.approx(
+                row.misses_per_layer * g.layout.record_bytes / (bench.h2d_gbps * 1e6), abs=1e-4)
+            assert row.rest_ms_per_layer == pytest.approx(
+                row.layer_ms - row.copy_ms_per_layer, abs=1e-3)
