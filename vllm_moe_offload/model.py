@@ -68,7 +68,7 @@ class Qwen3MoeOffloadForCausalLM(compat.UpstreamQwen3Moe):
                             graph_decode=decode == "zero-copy")
         logger.info("expert offload: %s of experts in %s host memory; cache %s; decode %s",
                     format_bytes(store.nbytes), "pinned" if store.pin else "pageable",
-                    plan.describe(geometry), decode)
+                    plan.describe(geometry), _describe_decode(offload, decode, vllm_config))
         prefetcher = (CorrelationPrefetcher(geometry.num_moe_layers, geometry.num_experts)
                       if offload.prefetch == "correlation" else None)
         with compat.swapped_moe_block(_bind_block(cache, geometry, prefetcher)):
@@ -96,6 +96,15 @@ class Qwen3MoeOffloadForCausalLM(compat.UpstreamQwen3Moe):
             _check_complete(self.expert_cache.store, self)
             self.expert_cache.preload()
         return loaded
+
+
+def _describe_decode(offload: OffloadConfig, decode: str, vllm_config) -> str:
+    if offload.decode != "auto":
+        return decode
+    if decode == "synced":
+        return "auto -> synced"
+    return (f"auto: zero-copy in CUDA graphs up to "
+            f"{vllm_config.compilation_config.max_cudagraph_capture_size} tokens, fetch beyond")
 
 
 def _bind_block(cache: ExpertCache, geometry: MoeGeometry,
