@@ -68,7 +68,8 @@ class Qwen3MoeOffloadForCausalLM(compat.UpstreamQwen3Moe):
                             graph_decode=decode == "zero-copy")
         logger.info("expert offload: %s of experts in %s host memory; cache %s; decode %s",
                     format_bytes(store.nbytes), "pinned" if store.pin else "pageable",
-                    plan.describe(geometry), _describe_decode(offload, decode, vllm_config))
+                    plan.describe(geometry), _describe_decode(offload, decode, vllm_config)
+                    if len(cache.resident_layers) < store.num_layers else "never fetches")
         prefetcher = (CorrelationPrefetcher(geometry.num_moe_layers, geometry.num_experts)
                       if offload.prefetch == "correlation" else None)
         with compat.swapped_moe_block(_bind_block(cache, geometry, prefetcher)):
