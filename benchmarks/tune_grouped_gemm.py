@@ -39,6 +39,12 @@ def candidates(weight_bytes: int, host: bool = False):
         depths = [3, 4]
     for (bm, bn), warps, stages in itertools.product(tiles, [4, 8], depths):
         yield dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+        if not host and bm >= 64:  # prefill: keep 16 M-blocks' activations in L2 (vLLM's order)
+            yield dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=16, num_warps=warps,
+                       num_stages=stages)
+    if not host:  # decode: vLLM's H100/H200 tables pipeline its 16-row tiles 5 deep
+        for bn, warps in itertools.product([32, 64, 128], [4, 8]):
+            yield dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=5)
 
 
 def step(x, topk_w, topk_ids, views, block, slot_map, out, cfg, host_views=None):

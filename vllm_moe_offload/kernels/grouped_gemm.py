@@ -88,6 +88,20 @@ def pick_config(num_pairs: int, weight_bytes: int,
 
 
 @triton.jit
+def _tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of program `pid`. GROUP_M = 0: every M-block of an N-block before the
+    next N-block, so an expert's weight columns stay in L2 across its M-blocks (decode, few
+    pairs); GROUP_M > 0: GROUP_M M-blocks across all N-blocks, so their activation rows stay
+    in L2 (prefill, many M-blocks per expert), as vLLM's fused_moe orders its tiles."""
+    if GROUP_M == 0:
+        return pid % num_m, pid // num_m
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % per_group) % size_m, (pid % per_group) // size_m
+
+
+@triton.jit
 def _block_source(pid_m, block_expert_ptr, num_padded_ptr, slot_map_ptr, w_ptr, s_ptr,
                   hw_ptr, hs_ptr, stride_ws, stride_ss, BLOCK_M: tl.constexpr,
                   ZERO_COPY: tl.constexpr):
@@ -117,15 +131,14 @@ def _w13_silu_kernel(
     x_ptr, x_scale_ptr, w13_ptr, s13_ptr, hw13_ptr, hs13_ptr, act_ptr,
     sorted_pairs_ptr, block_expert_ptr, num_padded_ptr, slot_map_ptr,
     # sizes
-    num_pairs, top_k, hidden, inter,
+    num_pairs, top_k, hidden, inter, num_m,
     # strides
     stride_xt, stride_xst, stride_ws, stride_wn, stride_ss, stride_sn, stride_sk, stride_ap,
     # meta
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     GROUP: tl.constexpr, IS_FP8: tl.constexpr, UPCAST: tl.constexpr, ZERO_COPY: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_m, pid_n = _tile(tl.program_id(0), num_m, tl.cdiv(inter, BLOCK_N), GROUP_M)
     skip, w_base, s_base = _block_source(pid_m, block_expert_ptr, num_padded_ptr, slot_map_ptr,
                                          w13_ptr, s13_ptr, hw13_ptr, hs13_ptr, stride_ws, stride_ss,
                                          BLOCK_M, ZERO_COPY)
@@ -174,15 +187,14 @@ def _w2_kernel(
     a_ptr, a_scale_ptr, w2_ptr, s2_ptr, hw2_ptr, hs2_ptr, y_ptr, topk_weight_ptr,
     sorted_pairs_ptr, block_expert_ptr, num_padded_ptr, slot_map_ptr,
     # sizes
-    num_pairs, hidden, inter,
+    num_pairs, hidden, inter, num_m,
     # strides
     stride_ap, stride_asp, stride_ws, stride_wn, stride_ss, stride_sn, stride_sk, stride_yp,
     # meta
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     GROUP: tl.constexpr, IS_FP8: tl.constexpr, UPCAST: tl.constexpr, ZERO_COPY: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_m, pid_n = _tile(tl.program_id(0), num_m, tl.cdiv(hidden, BLOCK_N), GROUP_M)
     skip, w_base, s_base = _block_source(pid_m, block_expert_ptr, num_padded_ptr, slot_map_ptr,
                                          w2_ptr, s2_ptr, hw2_ptr, hs2_ptr, stride_ws, stride_ss,
                                          BLOCK_M, ZERO_COPY)
@@ -292,7 +304,8 @@ def plan_step(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.
               config: dict | None = None, zero_copy: bool = False) -> StepPlan:
     """hidden [T, H]; topk_weights, topk_ids [T, K]; weights: typed slot views (for the shape
     and dtype); y: the output rows [P, H] if the caller keeps them, else allocated;
-    config: tile sizes (BLOCK_M/N/K, num_warps, num_stages) instead of `pick_config`'s;
+    config: tiles and their order (BLOCK_M/N/K, GROUP_M, num_warps, num_stages) instead of
+    `pick_config`'s;
     zero_copy: the step's pass reads missing experts from host memory (tiles tuned for it)."""
     t, h = hidden.shape
     k = topk_ids.shape[1]
@@ -325,6 +338,7 @@ def run_pass(plan: StepPlan, weights: dict[str, torch.Tensor], slot_map: torch.T
     weights from host memory (PCIe), and every row is written."""
     cfg = dict(plan.config)
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
+    group_m = cfg.pop("GROUP_M", 0)  # tables tuned before GROUP_M existed: order 0
     w13, w2 = weights["w13"], weights["w2"]  # [S, 2I, H], [S, H, I]
     is_fp8, act, y = plan.is_fp8, plan.act, plan.y
     num_pairs, h = y.shape
@@ -340,18 +354,18 @@ def run_pass(plan: StepPlan, weights: dict[str, torch.Tensor], slot_map: torch.T
                              and hs13.stride() == s13.stride() and hs2.stride() == s2.stride()
                              ), "store and pool layouts differ"
     grid_m = min(plan.block_expert.numel(), plan.sorted_pairs.numel() // bm)
-    meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP=FP8_GROUP, IS_FP8=is_fp8,
-                UPCAST=_UPCAST_BF16, ZERO_COPY=zero_copy, **cfg)
+    meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m, GROUP=FP8_GROUP,
+                IS_FP8=is_fp8, UPCAST=_UPCAST_BF16, ZERO_COPY=zero_copy, **cfg)
     x, xs = plan.x, plan.x_scale
-    _w13_silu_kernel[(grid_m, triton.cdiv(inter, bn))](
+    _w13_silu_kernel[(grid_m * triton.cdiv(inter, bn),)](
         x, xs, w13, s13, hw13, hs13, act, plan.sorted_pairs, plan.block_expert,
-        plan.num_padded, slot_map, num_pairs, plan.top_k, h, inter,
+        plan.num_padded, slot_map, num_pairs, plan.top_k, h, inter, grid_m,
         x.stride(0), xs.stride(0), w13.stride(0), w13.stride(1),
         s13.stride(0), s13.stride(1), s13.stride(2) if is_fp8 else 0, act.stride(0), **meta)
     a, a_scale = quantize_fp8_groups(act, FP8_GROUP) if is_fp8 else (act, act)
-    _w2_kernel[(grid_m, triton.cdiv(h, bn))](
+    _w2_kernel[(grid_m * triton.cdiv(h, bn),)](
         a, a_scale, w2, s2, hw2, hs2, y, plan.topk_weights, plan.sorted_pairs, plan.block_expert,
-        plan.num_padded, slot_map, num_pairs, h, inter,
+        plan.num_padded, slot_map, num_pairs, h, inter, grid_m,
         a.stride(0), a_scale.stride(0), w2.stride(0), w2.stride(1),
         s2.stride(0), s2.stride(1), s2.stride(2) if is_fp8 else 0, y.stride(0), **meta)
 
