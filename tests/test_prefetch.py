@@ -96,8 +96,10 @@ def test_prediction_stays_finite_after_long_decay():
 
 def _two_way_prefetcher() -> CorrelationPrefetcher:
     """Layer 0's expert 0 leads to experts 1 or 2 of layer 1, half the time each."""
-    prefetcher = CorrelationPrefetcher(num_layers=2, num_experts=8)
-    prefetcher.transitions[0][0, [1, 2]] = 100.0
+    prefetcher = CorrelationPrefetcher(num_layers=2, num_experts=8, decay=1.0)
+    for b in (1, 2):  # a hundred tokens each
+        prefetcher.observe(0, np.full((100, 1), 0))
+        prefetcher.observe(1, np.full((100, 1), b))
     return prefetcher
 
 
@@ -160,12 +162,12 @@ def test_a_prefill_is_learned_and_predicted_from_a_sample_as_from_all_its_tokens
         p.observe(1, second)
         return p
     sample = prefetch.MAX_TOKENS
-    learned = learn(sample).transitions[0]
+    learned = learn(sample).transitions(0)
     p = learn(tokens)
     assert learned.sum() == sample * 4 * 4  # K x K pairs of each sampled token
     # rows 0..3 (half of the tokens): from all tokens and from the sample, 10% of their pairs
     # go to 8..11 and the rest to 32..63 (the sample's ~512 pairs a row: sd 0.013)
-    for table in (learned, p.transitions[0]):
+    for table in (learned, p.transitions(0)):
         share = table[:4, 8:12].sum(1) / table[:4].sum(1)
         assert np.allclose(share, 0.1, atol=0.04), share
         assert np.allclose(table[:4, 32:].sum(1) / table[:4].sum(1), 1 - share)

@@ -1,6 +1,6 @@
 """`CorrelationPrefetcher`: predicts layer l+1's experts from layer l's routing of the batch.
 
-Online first-order statistics (Klotski's correlation idea): transitions[l][a, b] counts
+Online first-order statistics (Klotski's correlation idea): transitions(l)[a, b] counts
 tokens routed to expert a at layer l and to b at layer l+1, decayed by `decay` per update so
 the table follows drifting traffic; a step of more than MAX_TOKENS tokens (a prefill) adds an
 even sample of that many, so it weighs no more than a large decode batch. For a batch routed
@@ -24,6 +24,7 @@ from collections.abc import Collection
 import numpy as np
 
 _PRIOR = 1e-3  # added to every transition count when predicting (not decayed with them)
+_RESCALE_BELOW = 1e-100
 # The host runs this between a layer's kernels and the next layer's sync, on the step's
 # critical path: a prefill of thousands of tokens is learned from and predicted with an even
 # sample of this many, so its cost stays that of a decode batch.
@@ -41,21 +42,33 @@ class CorrelationPrefetcher:
         self.decay = decay
         self.threshold = threshold
         self.margin = margin
-        # [L-1, E, E] decayed transition counts
-        self.transitions = np.zeros((max(num_layers - 1, 0), num_experts, num_experts))
+        # [L-1, E, E] the decayed transition counts of `transitions` divided by each layer's
+        # _scale: decaying multiplies one number instead of E x E (the host runs it every step)
+        self._stored = np.zeros((max(num_layers - 1, 0), num_experts, num_experts))
+        self._scale = np.ones(len(self._stored))
         self._previous: tuple[int, np.ndarray] | None = None  # (layer, ids [T, K])
+
+    def transitions(self, layer: int) -> np.ndarray:
+        """[E, E] decayed counts of tokens routed to a at `layer` and to b at layer + 1."""
+        return self._stored[layer] * self._scale[layer]
 
     def observe(self, layer: int, ids: np.ndarray) -> None:
         """Records layer `layer`'s routing [T, K]; pairs it with layer-1's routing of the same
         tokens if that was the previous observation."""
         prev = self._previous
         if prev is not None and prev[0] == layer - 1 and prev[1].shape[0] == ids.shape[0]:
-            table = self.transitions[layer - 1]
-            table *= self.decay
+            src, e = layer - 1, self.num_experts
+            self._scale[src] *= self.decay
+            if self._scale[src] < _RESCALE_BELOW:  # fold it in before 1/scale overflows
+                self._stored[src] *= self._scale[src]
+                self._scale[src] = 1.0
             rows = _sample(ids.shape[0])
-            e = self.num_experts
-            pairs = prev[1][rows, :, None] * e + ids[rows, None, :]  # each a_i with every b_j
-            table += np.bincount(pairs.ravel(), minlength=e * e).reshape(e, e)
+            pairs = (prev[1][rows, :, None] * e + ids[rows, None, :]).ravel()  # a_i x every b_j
+            counts = self._stored[src].reshape(-1)  # a view
+            if 8 * pairs.size < counts.size:  # a few tokens: touch only their pairs
+                np.add.at(counts, pairs, 1.0 / self._scale[src])
+            else:
+                counts += np.bincount(pairs, minlength=e * e) / self._scale[src]
         self._previous = (layer, np.asarray(ids))
 
     def predict(self, layer: int, ids: np.ndarray, max_experts: int,
@@ -63,12 +76,16 @@ class CorrelationPrefetcher:
         """Experts layer+1 is likely to route to, given layer `layer`'s routing [T, K]. With
         `resident` (the experts layer+1 holds; `free_slots` more fit without eviction) only
         those not resident whose chance beats the displaced expert's by `margin`."""
-        if layer >= len(self.transitions) or max_experts <= 0 or len(ids) == 0:
+        if layer >= len(self._stored) or max_experts <= 0 or len(ids) == 0:
             return []
         sample = ids[_sample(ids.shape[0])]  # [S, K]
-        table = self.transitions[layer] + _PRIOR  # the prior: no row divides by zero, ever
-        probs = table / table.sum(axis=1, keepdims=True)  # P(b | a) [E, E]
-        per_token = np.minimum(1.0, probs[sample].sum(axis=1))  # [S, E]
+        rows, where = slice(None), sample
+        if 2 * sample.size < self.num_experts:  # P(b | a) only for the few experts a routed
+            rows, where = np.unique(sample, return_inverse=True)
+            where = where.reshape(sample.shape)
+        table = self._stored[layer][rows] * self._scale[layer] + _PRIOR  # [R, E]; the prior:
+        probs = table / table.sum(axis=1, keepdims=True)  # no row divides by zero, ever
+        per_token = np.minimum(1.0, probs[where].sum(axis=1))  # [S, E]
         # the sample's misses stand for all T tokens': (1 - p) multiplied over T tokens
         log_miss = np.log1p(-np.minimum(per_token, 1.0 - 1e-12)).sum(axis=0)
         used = 1.0 - np.exp(log_miss * (ids.shape[0] / len(sample)))  # [E]
