@@ -57,7 +57,6 @@ class Row:
 
 class Bench:
     def __init__(self, model: str, layers: int, budget: float, device: str):
-        torch.manual_seed(0)  # the routing: the same trace on every run
         self.geometry = model_geometry(model)
         layout = self.geometry.layout
         self.device = device
@@ -75,7 +74,8 @@ class Bench:
 
     def decode_step(self, cache: ExpertCache, mode: str, hidden: torch.Tensor,
                     out: torch.Tensor, mark: bool = False) -> None:
-        """One decode step through every layer: route (random logits) and the layer's step."""
+        """One decode step through every layer: route (random logits) and the layer's step;
+        the mark holds the routing too, as the engine's op runs its router."""
         g = self.geometry
         for layer in range(self.store.num_layers):
             logits = torch.randn(hidden.shape[0], g.num_experts, device=self.device)
@@ -87,6 +87,7 @@ class Bench:
                     step.graph_step(cache, layer, hidden, weights, ids, out)
 
     def run(self, mode: str, tokens: int, steps: int, trace: Path | None) -> Row:
+        torch.manual_seed(tokens)  # every mode sees the same routing at a token count
         cache = self.cache(mode)
         hidden = torch.randn(tokens, self.geometry.layout.hidden, device=self.device)
         hidden = hidden.to(torch.bfloat16)

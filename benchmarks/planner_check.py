@@ -88,7 +88,7 @@ def check_run(run: dict, base: HardwareProfile, geometry,
                         measured_tok_s=measured["tok_s"],
                         error=round(predicted.tok_s / measured["tok_s"] - 1, 3)))
     used = sorted(set(modes.values()))
-    result = dict(system=system, mode=used[0] if len(used) == 1 else "auto",
+    result = dict(system=system, mode="auto" if "auto" in system else used[0],
                   h2d_gbps=graphs.h2d_gbps,
                   sync_overhead_ms=sync_ms if "synced" in used else 0.0,
                   gemm=("eager (--profile)" if sync_ms and "synced" in used

@@ -238,6 +238,11 @@ def test_trace_summary_splits_a_layer_step(tmp_path):
             got["host_rest_ms_per_layer"]) == (1.0, 0.3, 0.01, 0.69)
     assert (got["gpu_window_ms"], got["gpu_busy_share"]) == (2.5, 0.6)
     assert (got["kernel_ms"], got["h2d_ms"], got["h2d_copies"]) == (1.0, 0.5, 1)
+    # bench_step's marks: a CPU span and, under CUDA, a GPU-clock annotation of the same name
+    marked = [dict(e, name="moe_offload_step") for e in events if e["cat"] == "cpu_op"]
+    marked += [dict(e, cat="gpu_user_annotation", tid=9) for e in marked]
+    got = summarise(marked + events[1:], layers=2, op="moe_offload_step")
+    assert got["layer_steps"] == 2 and got["op_ms_per_layer"] == 1.0
 
 
 def test_step_bench_counts_what_each_mode_does():

@@ -121,18 +121,25 @@ def test_decode_auto_takes_graphs_only_where_they_exist(monkeypatch):
     auto = OffloadConfig(True)
     assert auto.decode == "auto"
     assert auto.decode_path(engine_config()) == "synced"  # this CPU: no CUDA graphs
-    monkeypatch.setattr(current_platform, "is_cuda_alike", lambda: True)
+    monkeypatch.setattr(current_platform, "is_cuda", lambda: True)
     # the hook sees no mode yet: vLLM's default at -O2 and -O3 has FULL decode graphs
     assert auto.decode_path(engine_config()) == "zero-copy"
     assert auto.decode_path(engine_config(level=3)) == "zero-copy"
     assert auto.decode_path(engine_config(CUDAGraphMode.FULL_AND_PIECEWISE)) == "zero-copy"
     spec = types.SimpleNamespace(method="eagle3")
+    transfer = types.SimpleNamespace(is_kv_transfer_instance=True)
     for eager in (engine_config(CUDAGraphMode.PIECEWISE), engine_config(CUDAGraphMode.NONE),
                   engine_config(level=1), engine_config(level=0),
                   engine_config(enforce_eager=True), engine_config(speculative_config=spec),
                   engine_config(pooler_config=object()),
-                  engine_config(kv_transfer_config=object())):
+                  engine_config(kv_transfer_config=transfer)):
         assert auto.decode_path(eager) == "synced", eager
+    # the worker reads the final mode: whatever vLLM settled on after the hook decides
+    # (--kv-offloading-size adds a KV-transfer config only after the hook ran)
+    assert auto.decode_path(engine_config(CUDAGraphMode.FULL_AND_PIECEWISE,
+                                          kv_transfer_config=transfer)) == "zero-copy"
+    offloading = types.SimpleNamespace(is_kv_transfer_instance=False)
+    assert auto.decode_path(engine_config(kv_transfer_config=offloading)) == "zero-copy"
     assert OffloadConfig(True, decode="zero-copy").decode_path(
         engine_config(speculative_config=spec)) == "zero-copy"
     assert OffloadConfig(True, decode="synced").decode_path(engine_config()) == "synced"

@@ -37,12 +37,14 @@ _FLAGS = [
           help="Load the next layer's likely experts early (default: off).")),
     ("--expert-decode", "decode",
      dict(type=str, default=None, choices=list(DECODE_MODES),
-          help=f"auto (default): decode batches of up to {AUTO_GRAPH_TOKENS} tokens run in "
-               "CUDA graphs and read missing experts from host memory, larger batches and "
-               "prefill fetch them into the cache (all fetch on CPU, with --enforce-eager or "
-               "with speculative decoding); synced: every layer step syncs on routing and "
-               "fetches its missing experts; zero-copy: every decode batch vLLM runs in CUDA "
-               "graphs reads them from host memory, prefill still fetches.")),
+          help=f"auto (default): decode batches of up to {AUTO_GRAPH_TOKENS} tokens (a "
+               "capture size you set moves this) run in CUDA graphs and read missing experts "
+               "from host memory, larger batches and prefill fetch them into the cache; it "
+               "fetches always without FULL decode graphs (CPU, --enforce-eager, -O0/-O1, "
+               "PIECEWISE or NONE graphs, pooling, KV transfer) and with speculative decoding. "
+               "synced: every layer step syncs on routing and fetches its missing experts. "
+               "zero-copy: every decode batch vLLM runs in CUDA graphs reads them from host "
+               "memory, prefill still fetches.")),
     ("--expert-pinned-limit-gb", "pinned_limit_gb",
      dict(type=float, default=None,
           help="Fail at start-up if the host expert store would need more than this, GiB.")),

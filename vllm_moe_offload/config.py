@@ -62,13 +62,13 @@ class OffloadConfig:
                              f"choose one of {', '.join(POLICIES)}")
 
     def decode_path(self, vllm_config) -> str:
-        """"synced" or "zero-copy": what `decode` means for this engine. The front end's hook
-        (before vLLM fills in its graph defaults) and the worker's model (after) resolve
-        "auto" alike."""
+        """"synced" or "zero-copy": what `decode` means for this engine, on the front end's
+        config hook (before vLLM fills in its graph defaults) as in the worker's model: the
+        hook leaves a graph mode (PIECEWISE for synced) that resolves alike there."""
         if self.decode != "auto":
             return self.decode
         from vllm.platforms import current_platform
-        if (not current_platform.is_cuda_alike() or vllm_config.model_config.enforce_eager
+        if (not current_platform.is_cuda() or vllm_config.model_config.enforce_eager
                 or not _full_decode_graphs(vllm_config)):
             return "synced"  # every decode step runs eagerly anyway
         if vllm_config.speculative_config is not None:
@@ -96,15 +96,17 @@ class OffloadConfig:
 
 
 def _full_decode_graphs(vllm_config) -> bool:
-    """Whether vLLM will run decode in FULL CUDA graphs: the user's graph mode, else (in a
-    config hook, before vLLM applies it) the optimization level's default; never for pooling
-    or a KV-transfer instance, for which vLLM overrides full graphs with PIECEWISE."""
-    model_config = vllm_config.model_config
-    if (getattr(model_config, "pooler_config", None) is not None
-            or getattr(vllm_config, "kv_transfer_config", None) is not None):
-        return False
+    """Whether vLLM runs decode in FULL CUDA graphs. The worker sees the final graph mode; the
+    config hook, which runs before vLLM fills it in, the user's mode, else the optimization
+    level's default, and none for pooling or a KV-transfer instance, where vLLM may override
+    full graphs with PIECEWISE (whatever the hook decides, the mode it leaves decides alike
+    in the worker)."""
     mode = vllm_config.compilation_config.cudagraph_mode
     if mode is None:
+        transfer = getattr(vllm_config, "kv_transfer_config", None)
+        if (getattr(vllm_config.model_config, "pooler_config", None) is not None
+                or getattr(transfer, "is_kv_transfer_instance", False)):
+            return False
         from vllm.config.vllm import OPTIMIZATION_LEVEL_TO_CONFIG
         mode = OPTIMIZATION_LEVEL_TO_CONFIG[vllm_config.optimization_level][
             "compilation_config"]["cudagraph_mode"]

@@ -65,16 +65,9 @@ def _limit_graph_batches(compilation) -> None:
     """--expert-decode auto: CUDA graphs (zero-copy decode) only for batches of at most
     AUTO_GRAPH_TOKENS tokens; larger ones run eagerly and fetch their experts, once for all
     their tokens. A capture size the user set stands: it moves that boundary."""
-    from vllm_moe_offload.metrics import logger
     if compilation.max_cudagraph_capture_size is None and \
             compilation.cudagraph_capture_sizes is None:
         compilation.max_cudagraph_capture_size = AUTO_GRAPH_TOKENS
-    logger.info("expert offload: decode batches of up to %s tokens read missing experts from "
-                "host memory inside CUDA graphs (zero-copy); larger batches fetch them into "
-                "the cache. Move the boundary with -cc.max_cudagraph_capture_size, or pick "
-                "one path with --expert-decode synced|zero-copy",
-                compilation.max_cudagraph_capture_size or
-                max(compilation.cudagraph_capture_sizes or [0]))
 
 
 def reject_offload(vllm_config) -> None:

@@ -105,7 +105,8 @@ def _describe_decode(offload: OffloadConfig, decode: str, vllm_config) -> str:
     if decode == "synced":
         return "auto -> synced"
     return (f"auto: zero-copy in CUDA graphs up to "
-            f"{vllm_config.compilation_config.max_cudagraph_capture_size} tokens, fetch beyond")
+            f"{vllm_config.compilation_config.max_cudagraph_capture_size} tokens, fetch beyond "
+            "(-cc.max_cudagraph_capture_size moves the boundary)")
 
 
 def _bind_block(cache: ExpertCache, geometry: MoeGeometry,

@@ -38,6 +38,8 @@ def _sample(n: int) -> np.ndarray | slice:
 class CorrelationPrefetcher:
     def __init__(self, num_layers: int, num_experts: int, decay: float = 0.999,
                  threshold: float = 0.5, margin: float = 0.25):
+        if not 0.0 < decay <= 1.0:  # the stored counts divide by decay^steps
+            raise ValueError(f"decay must be in (0, 1], got {decay}")
         self.num_experts = num_experts
         self.decay = decay
         self.threshold = threshold

@@ -125,7 +125,7 @@ def _block_source(pid_m, block_expert_ptr, num_padded_ptr, slot_map_ptr, w_ptr, 
     return skip, w, s
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_m"])  # the grid's M-blocks vary with every step
 def _w13_silu_kernel(
     # tensors
     x_ptr, x_scale_ptr, w13_ptr, s13_ptr, hw13_ptr, hs13_ptr, act_ptr,
@@ -181,7 +181,7 @@ def _w13_silu_kernel(
              mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_m"])  # the grid's M-blocks vary with every step
 def _w2_kernel(
     # tensors
     a_ptr, a_scale_ptr, w2_ptr, s2_ptr, hw2_ptr, hs2_ptr, y_ptr, topk_weight_ptr,
