@@ -66,16 +66,17 @@ class Qwen3MoeOffloadForCausalLM(compat.UpstreamQwen3Moe):
         cache = ExpertCache(store, plan.num_slots, offload.policy,
                             device=vllm_config.device_config.device,
                             graph_decode=decode == "zero-copy")
+        fetches = len(cache.resident_layers) < store.num_layers  # else no step syncs
         logger.info("expert offload: %s of experts in %s host memory; cache %s; decode %s",
                     format_bytes(store.nbytes), "pinned" if store.pin else "pageable",
                     plan.describe(geometry), _describe_decode(offload, decode, vllm_config)
-                    if len(cache.resident_layers) < store.num_layers else "never fetches")
+                    if fetches else "never fetches")
         prefetcher = (CorrelationPrefetcher(geometry.num_moe_layers, geometry.num_experts)
                       if offload.prefetch == "correlation" else None)
         with compat.swapped_moe_block(_bind_block(cache, geometry, prefetcher)):
             super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
         self.expert_cache = cache
-        if len(cache.resident_layers) < store.num_layers:
+        if fetches:
             mode = vllm_config.compilation_config.cudagraph_mode
             if (decode == "synced" and mode is not None
                     and mode.has_full_cudagraphs()):  # the config hook prevents it
