@@ -87,12 +87,12 @@ def check_run(run: dict, base: HardwareProfile, geometry,
                         predicted_tok_s=round(predicted.tok_s, 1),
                         measured_tok_s=measured["tok_s"],
                         error=round(predicted.tok_s / measured["tok_s"] - 1, 3)))
-    used = sorted(set(modes.values()))
-    result = dict(system=system, mode="auto" if "auto" in system else used[0],
-                  h2d_gbps=graphs.h2d_gbps,
-                  sync_overhead_ms=sync_ms if "synced" in used else 0.0,
-                  gemm=("eager (--profile)" if sync_ms and "synced" in used
-                        else "graph replays (--kernels)"), rows=out)
+    charged = sync_ms if "synced" in modes.values() else 0.0  # the sync, in some row
+    result = dict(system=system,
+                  mode="auto" if "auto" in system else decode_mode(system, n=1),
+                  h2d_gbps=graphs.h2d_gbps, sync_overhead_ms=charged,
+                  gemm="eager (--profile)" if charged else "graph replays (--kernels)",
+                  rows=out)
     sweep = {r["n"]: r["measured_tok_s"] for r in out if r["scenario"].startswith("n")}
     if len(sweep) > 1:
         budget = next(r["budget"] for r in out if r["scenario"].startswith("n"))
