@@ -24,17 +24,15 @@ usage: python benchmarks/bench_step.py [--model qwen3-30b-a3b-fp8] [--layers 8]
 import argparse
 import contextlib
 import json
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from vllm_moe_offload import kernels, step
 from vllm_moe_offload.cache import ExpertCache
 from vllm_moe_offload.plan_cli import model_geometry
-from vllm_moe_offload.profiler import measure_h2d_gbps
+from vllm_moe_offload.profiler import measure_h2d_gbps, time_ms
 from vllm_moe_offload.store import ExpertStore
 
 MODES = ("synced", "zero-copy")
@@ -97,22 +95,16 @@ class Bench:
         prefill = torch.randn(PREFILL_TOKENS, hidden.shape[1], device=self.device)
         prefill = prefill.to(hidden.dtype)
         self.decode_step(cache, "synced", prefill, torch.empty_like(prefill))
-        for _ in range(2):  # compiles the kernels
-            self.decode_step(cache, mode, hidden, out)
+        self.decode_step(cache, mode, hidden, out)  # compiles the kernels
         self._sync()
         before = cache.snapshot()
-        times = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            self.decode_step(cache, mode, hidden, out)
-            self._sync()
-            times.append((time.perf_counter() - t0) * 1e3)
+        layer_ms = time_ms(lambda: self.decode_step(cache, mode, hidden, out), self.device,
+                           repeats=steps) / self.store.num_layers
         after = cache.snapshot()
-        layer_steps = steps * self.store.num_layers
+        layer_steps = (steps + 1) * self.store.num_layers  # time_ms warms up with one more
         misses = (after.misses - before.misses) / layer_steps
-        unique = (misses + (after.hits - before.hits) / layer_steps)
+        unique = misses + (after.hits - before.hits) / layer_steps
         copy_ms = misses * self.geometry.layout.record_bytes / (self.h2d_gbps * 1e6)
-        layer_ms = float(np.median(times)) / self.store.num_layers
         if trace is not None:
             self._trace(cache, mode, hidden, out, trace / f"{mode}-t{tokens}")
         return Row(mode, tokens, round(layer_ms, 4), round(unique, 2), round(misses, 2),

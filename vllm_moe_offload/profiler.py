@@ -58,7 +58,7 @@ class HardwareProfile:
         return float(np.interp(np.log(max(tokens, 1.0)), xs, [ms for _, ms in points]))
 
 
-def _time_ms(fn, device: str, repeats: int = 5) -> float:
+def time_ms(fn, device: str, repeats: int = 5) -> float:
     fn()  # warm-up (compiles kernels)
     times = []
     for _ in range(repeats):
@@ -81,7 +81,7 @@ def measure_h2d_gbps(record_bytes: int, device: str, copies: int = 32) -> float:
     def copy_all():
         for i in range(copies):
             dst[i].copy_(src[i], non_blocking=True)
-    return src.numel() / (_time_ms(copy_all, device) * 1e6)
+    return src.numel() / (time_ms(copy_all, device) * 1e6)
 
 
 def profile_hardware(geometry: MoeGeometry, device: str,
@@ -105,7 +105,7 @@ def profile_hardware(geometry: MoeGeometry, device: str,
             run = kernels.begin(hidden, topk_w, topk_ids, weights, layout.block, e)
             kernels.run_pass(run, weights, experts, experts, identity)
             kernels.finish(run, out)
-        gemm_ms[t] = round(_time_ms(step, device), 4)
+        gemm_ms[t] = round(time_ms(step, device), 4)
     router_ms, overhead_ms = measure_synced_step(geometry, device, gemm_ms[token_counts[0]],
                                                  token_counts[0])
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
@@ -133,5 +133,5 @@ def measure_synced_step(geometry: MoeGeometry, device: str, gemm_ms: float,
     def layer_step():
         topk_w, _ = route()
         step.synced_step(cache, 0, hidden, topk_w, fixed, out)
-    router_ms = _time_ms(route, device)
-    return router_ms, max(0.0, _time_ms(layer_step, device, repeats=20) - gemm_ms)
+    router_ms = time_ms(route, device)
+    return router_ms, max(0.0, time_ms(layer_step, device, repeats=20) - gemm_ms)
