@@ -451,6 +451,12 @@ def check_comparable(paths: list[str], runs: list[dict]) -> None:
                              "not comparable")
 
 
+def mean_h2d_gbps(runs: list[dict]) -> float | None:
+    """The reports' own pinned-copy bandwidths, averaged (None where none was measured)."""
+    bandwidths = [run["bw_h2d_gbs"] for run in runs if run.get("bw_h2d_gbs")]
+    return round(sum(bandwidths) / len(bandwidths), 1) if bandwidths else None
+
+
 def merge(paths: list[str], out: Path) -> None:
     """One report from several runs measured alike (each row keeps the run it came from)."""
     runs = [json.loads(Path(p).read_text()) for p in paths]
@@ -458,12 +464,11 @@ def merge(paths: list[str], out: Path) -> None:
     rows = [dict(row, run=Path(p).parent.name) for p, run in zip(paths, runs, strict=True)
             for row in run["rows"]]
     commits = {c for run in runs for c in [run.get("commit"), *run.get("commits", [])] if c}
-    bandwidths = [run["bw_h2d_gbs"] for run in runs if run.get("bw_h2d_gbs")]
     out.mkdir(parents=True, exist_ok=True)
     result = {k: runs[0].get(k) for k in (*SAME_IN_EVERY_RUN, "date")}
     result.update(
         commits=sorted(commits),
-        bw_h2d_gbs=round(sum(bandwidths) / len(bandwidths), 1) if bandwidths else None,
+        bw_h2d_gbs=mean_h2d_gbps(runs),
         load=dict(runs[0]["load"], concurrencies=sorted(
             {c for run in runs for c in run["load"]["concurrencies"]})),
         runs=[dict(path=p, **{k: run.get(k) for k in ("commit", "bw_h2d_gbs", "load")})

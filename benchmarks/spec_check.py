@@ -22,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from guidellm_sweep import check_comparable, spec_tokens
+from guidellm_sweep import check_comparable, mean_h2d_gbps, spec_tokens
 
 from vllm_moe_offload.plan_cli import model_geometry
 from vllm_moe_offload.planner import acceptance_length, solve_spec, unique_experts
@@ -121,9 +121,8 @@ def main() -> None:
     reports = [(p, json.loads(Path(p).read_text())) for p in args.reports]
     check_comparable(args.reports, [r for _, r in reports])
     profile = HardwareProfile.from_json(Path(args.profile).read_text())
-    bandwidths = [r["bw_h2d_gbs"] for _, r in reports if r.get("bw_h2d_gbs")]
-    if bandwidths:
-        profile = replace(profile, h2d_gbps=round(statistics.mean(bandwidths), 1))
+    if (bandwidth := mean_h2d_gbps([r for _, r in reports])) is not None:
+        profile = replace(profile, h2d_gbps=bandwidth)
     result = check(measured_by_k(reports, args.concurrency), profile, args.model,
                    reports[0][1]["budget"], args.concurrency, args.draft_ms)
     out = Path(args.out)
