@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from vllm_moe_offload.policies import POLICIES
-from vllm_moe_offload.stats import OffloadStats, RoutingCounters
+from vllm_moe_offload.stats import OffloadStats, RoutingCounters, RoutingLog
 from vllm_moe_offload.store import ExpertStore
 from vllm_moe_offload.transfer import SlotMaps, Transfers
 
@@ -41,9 +41,11 @@ def layer_quotas(num_slots: int, num_layers: int, num_experts: int) -> list[int]
 
 class ExpertCache:
     def __init__(self, store: ExpertStore, num_slots: int, policy: str = "lru",
-                 device: torch.device | str = "cpu", graph_decode: bool = False):
+                 device: torch.device | str = "cpu", graph_decode: bool = False,
+                 log_steps: int = 0):
         """graph_decode: decode steps of fetching layers run as graph steps (zero-copy), which
-        read the maps `publish_map` uploads; without it only preloaded layers read theirs."""
+        read the maps `publish_map` uploads; without it only preloaded layers read theirs.
+        log_steps: keep the expert ids of this many eager layer steps (`routing_log`)."""
         if policy not in POLICIES:
             raise ValueError(f"expert offload: unknown policy {policy!r}; choose one of "
                              f"{', '.join(POLICIES)}")
@@ -79,6 +81,7 @@ class ExpertCache:
         self.stats = OffloadStats()
         self.routing = RoutingCounters(store.num_layers, store.num_experts,
                                        pin=self.transfers.is_cuda)
+        self.routing_log = RoutingLog(log_steps) if log_steps else None
         # per layer: the device lookups and steps already told to the policy
         self._graph_seen = [(np.zeros(store.num_experts, dtype=np.int64), 0)
                             for _ in range(store.num_layers)]

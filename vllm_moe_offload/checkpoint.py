@@ -7,6 +7,8 @@ norms, embeddings and lm_head) and sharding with `model.safetensors.index.json`.
 
 `predictable=True` replaces the embeddings and lm_head so that greedy decoding walks a fixed
 cycle of tokens (predictable.py), for sweeping EAGLE-3 acceptance with the oracle draft.
+`routing="realistic"` (implies predictable) also writes routers that route that walk like the
+real Qwen3-30B-A3B (realistic.py).
 
 Example:
     write_checkpoint(Path("/tmp/tiny"), "tiny")
@@ -25,6 +27,7 @@ from vllm_moe_offload.predictable import cycle_for, target_tensor
 from vllm_moe_offload.tokenizer import EOS_ID, PAD_ID, build_tokenizer
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
+ROUTINGS = ("model", "realistic")  # the random routers, or realistic.py's
 FP8_BLOCK = (128, 128)  # Qwen's weight_block_size
 
 _QWEN3_30B_A3B = dict(
@@ -41,6 +44,11 @@ _TINY = dict(
 )
 # FP8 blocks are 128 wide: the tiny FP8 model uses 128-multiples so every block is full.
 _TINY_FP8 = dict(_TINY, hidden_size=256, moe_intermediate_size=128, head_dim=64)
+# The real model's 128 experts and the real trace's top-6, small elsewhere: realistic routing
+# measured on the CPU (a cycle of hidden/2 = 512 positions needs 1,024 trained token ids).
+_TINY_E128 = dict(_TINY, vocab_size=2048, hidden_size=1024, moe_intermediate_size=32,
+                  num_hidden_layers=24, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
+                  num_experts=128, num_experts_per_tok=6, mlp_only_layers=[])
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,7 @@ class Preset:
 PRESETS = {
     "tiny": Preset(_TINY, is_fp8=False, shard_bytes=1 << 20),
     "tiny-fp8": Preset(_TINY_FP8, is_fp8=True, shard_bytes=1 << 20, experts_only_fp8=True),
+    "tiny-e128": Preset(_TINY_E128, is_fp8=False, shard_bytes=64 << 20),
     "qwen3-30b-a3b-fp8": Preset(_QWEN3_30B_A3B, is_fp8=True, shard_bytes=4 << 30),
 }
 
@@ -190,9 +199,12 @@ def _checkpoint_tensors(name, shape, quantize, gen, device):
 
 def write_checkpoint(out: Path, preset_name: str, seed: int = 0, device: str | None = None,
                      shard_bytes: int | None = None, progress: bool = True,
-                     predictable: bool = False) -> Path:
+                     predictable: bool = False, routing: str = "model") -> Path:
     """Writes a random checkpoint of `preset_name` into `out`, with the predictable cycle's
-    embeddings and lm_head if `predictable`; returns `out`."""
+    embeddings and lm_head if `predictable`, and routers routing that walk like the real model
+    if `routing` is "realistic" ("model": the random routers); returns `out`."""
+    if routing not in ROUTINGS:
+        raise ValueError(f"unknown routing {routing!r}; choose one of {', '.join(ROUTINGS)}")
     if preset_name not in PRESETS:
         raise ValueError(f"unknown preset {preset_name!r}; choose one of {sorted(PRESETS)}")
     preset = PRESETS[preset_name]
@@ -207,7 +219,16 @@ def write_checkpoint(out: Path, preset_name: str, seed: int = 0, device: str | N
     build_tokenizer(out, config["vocab_size"])
 
     plan = tensor_plan(preset.config)
-    cycle = cycle_for(config) if predictable else None
+    if routing == "realistic":
+        from vllm_moe_offload.realistic import RealisticRouting
+        fixed_tensor = RealisticRouting(config).tensor
+    elif predictable:
+        cycle = cycle_for(config)
+        def fixed_tensor(name, shape):
+            return target_tensor(name, cycle)
+    else:
+        def fixed_tensor(name, shape):
+            return None
     gen = torch.Generator(device=device).manual_seed(seed)
     shards: list[dict[str, torch.Tensor]] = [{}]
     shard_sizes = [0]
@@ -218,7 +239,7 @@ def write_checkpoint(out: Path, preset_name: str, seed: int = 0, device: str | N
         # checkpoint's of this seed
         tensors = _checkpoint_tensors(name, shape, is_quantized(preset, name, is_linear), gen,
                                       device)
-        if cycle is not None and (fixed := target_tensor(name, cycle)) is not None:
+        if (fixed := fixed_tensor(name, shape)) is not None:
             tensors = {name: fixed}
         for key, t in tensors.items():
             nbytes = t.numel() * t.element_size()

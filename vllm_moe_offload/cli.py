@@ -103,12 +103,16 @@ def main(argv: list[str] | None = None) -> None:
     make = sub.add_parser("make-model", help="write a random-weight Qwen3-MoE checkpoint")
     make.add_argument("out", help="output directory")
     make.add_argument("--preset", default="tiny",
-                      choices=["tiny", "tiny-fp8", "qwen3-30b-a3b-fp8"])
+                      choices=["tiny", "tiny-fp8", "tiny-e128", "qwen3-30b-a3b-fp8"])
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--device", default=None, help="where to draw weights (default: cuda if any)")
     make.add_argument("--predictable", action="store_true",
                       help="embeddings and lm_head such that greedy decoding walks a fixed "
                            "cycle of tokens (a synthetic workload for --draft-kind oracle)")
+    make.add_argument("--routing", default="model", choices=["model", "realistic"],
+                      help="model: random routers; realistic (implies --predictable): routers "
+                           "that route the walk like the real Qwen3-30B-A3B (calibrated to "
+                           "its recorded routing; see the README's routing section)")
     make.add_argument("--draft", default=None, metavar="DIR",
                       help="also write an EAGLE-3 draft for the model (speculators format) here")
     make.add_argument("--draft-kind", default="random", choices=["random", "copy", "oracle"],
@@ -150,6 +154,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.concurrency < 1:
             parser.error(f"--concurrency must be >= 1, got {args.concurrency}")
     if args.command == "make-model":  # the flags are checked before a 31 GB write
+        args.predictable = args.predictable or args.routing == "realistic"
         if args.draft_kind == "oracle" and not args.predictable:
             parser.error("--draft-kind oracle needs --predictable")
         if args.draft_miss_rate and (args.draft_kind != "oracle" or not args.draft):
@@ -164,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
 
         from vllm_moe_offload.checkpoint import write_checkpoint
         write_checkpoint(Path(args.out), args.preset, seed=args.seed, device=args.device,
-                         predictable=args.predictable)
+                         predictable=args.predictable, routing=args.routing)
         if args.draft:
             from vllm_moe_offload.draft import write_draft
             write_draft(Path(args.draft), Path(args.out), args.draft_kind, args.draft_tokens,

@@ -6,6 +6,10 @@ know.)
 | variable | default | meaning |
 |---|---|---|
 | `MOE_OFFLOAD_LOG_INTERVAL_S` | 10 | seconds between `expert offload: ...` log lines; 0: none |
+| `MOE_OFFLOAD_ROUTING_LOG` | 0 | expert ids of this many eager layer steps kept; 0: none |
+
+`MOE_OFFLOAD_ROUTING_LOG` is for tests: `collective_rpc("expert_offload_routing_log")` returns
+the routing an engine did.
 """
 
 import os
@@ -16,4 +20,11 @@ def log_interval_s() -> float:
     if value < 0:
         raise ValueError(f"MOE_OFFLOAD_LOG_INTERVAL_S must be >= 0 (0 turns the log off), "
                          f"got {value}")
+    return value
+
+
+def routing_log_steps() -> int:
+    value = int(os.environ.get("MOE_OFFLOAD_ROUTING_LOG", "0"))
+    if value < 0:
+        raise ValueError(f"MOE_OFFLOAD_ROUTING_LOG must be >= 0 (0 turns it off), got {value}")
     return value

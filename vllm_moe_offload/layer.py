@@ -77,7 +77,11 @@ class OffloadSparseMoeBlock(compat.UpstreamMoeBlock):
         # The router runs inside the op, as in upstream's fused-MoE op: compiled, its logits
         # would round differently from stock vLLM's and flip the rare near-tied top-k choice.
         router_logits, _ = self.gate(hidden)  # [T, E]
-        return kernels.route(router_logits, self.top_k, self.renormalize)
+        weights, ids = kernels.route(router_logits, self.top_k, self.renormalize)
+        log = self.cache.routing_log
+        if log is not None and not (ids.is_cuda and torch.cuda.is_current_stream_capturing()):
+            log.record(self.moe_index, ids)
+        return weights, ids
 
     def run_resident(self, hidden: torch.Tensor, out: torch.Tensor) -> None:
         """The op body of a layer holding all its experts (captured in CUDA graphs)."""

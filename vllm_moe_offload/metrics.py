@@ -132,3 +132,10 @@ class OffloadWorkerExtension:
                 "steps_per_layer": routing.steps.tolist(),
                 "graph_lookups": graph_lookups, "graph_misses": graph_misses,
                 "slots_in_use": cache.slots_in_use}
+
+    def expert_offload_routing_log(self) -> list | None:
+        """[(MoE layer, expert ids [T, K]), ...] of the eager layer steps so far, with
+        MOE_OFFLOAD_ROUTING_LOG set (else None)."""
+        cache = getattr(self.get_model(), "expert_cache", None)
+        log = getattr(cache, "routing_log", None)
+        return None if log is None else log.steps

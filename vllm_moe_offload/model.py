@@ -17,6 +17,7 @@ from vllm_moe_offload.layer import OffloadSparseMoeBlock, register_ops
 from vllm_moe_offload.metrics import PrometheusExporter, StatsReporter, logger
 from vllm_moe_offload.planner import GIB, CachePlan, format_bytes, plan_cache
 from vllm_moe_offload.prefetch import CorrelationPrefetcher
+from vllm_moe_offload.realistic import LOAD_FORMAT as REALISTIC_LOAD_FORMAT
 from vllm_moe_offload.store import ExpertStore
 
 
@@ -47,8 +48,10 @@ def pinned_limit_bytes(offload: OffloadConfig) -> int | None:
 
 
 def _is_dummy_load(vllm_config) -> bool:
+    """load_format=dummy, or realistic-routing (dummy weights with realistic routers): the
+    experts are random, drawn into the store here."""
     load_format = vllm_config.load_config.load_format
-    return getattr(load_format, "value", load_format) == "dummy"
+    return getattr(load_format, "value", load_format) in ("dummy", REALISTIC_LOAD_FORMAT)
 
 
 class Qwen3MoeOffloadForCausalLM(compat.UpstreamQwen3Moe):
@@ -65,7 +68,8 @@ class Qwen3MoeOffloadForCausalLM(compat.UpstreamQwen3Moe):
         decode = offload.decode_path(vllm_config)
         cache = ExpertCache(store, plan.num_slots, offload.policy,
                             device=vllm_config.device_config.device,
-                            graph_decode=decode == "zero-copy")
+                            graph_decode=decode == "zero-copy",
+                            log_steps=envs.routing_log_steps())
         fetches = len(cache.resident_layers) < store.num_layers  # else no step syncs
         logger.info("expert offload: %s of experts in %s host memory; cache %s; decode %s",
                     format_bytes(store.nbytes), "pinned" if store.pin else "pageable",

@@ -1,7 +1,7 @@
 """`register()`: the `vllm.general_plugins` entry point, run in every vLLM process.
 
 Idempotent, and initialises no CUDA: the model class is registered by name and imported only
-where vLLM builds the model.
+where vLLM builds the model. Also registers the `realistic-routing` load format (realistic.py).
 """
 
 _registered = False
@@ -14,8 +14,9 @@ def register() -> None:
     _registered = True
     from vllm import ModelRegistry
 
-    from vllm_moe_offload import cli, hooks
+    from vllm_moe_offload import cli, hooks, realistic
     ModelRegistry.register_model(
         "Qwen3MoeForCausalLM", "vllm_moe_offload.model:Qwen3MoeOffloadForCausalLM")
     hooks.install()
     cli.install_flags()
+    realistic.register_load_format()

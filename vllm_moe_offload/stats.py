@@ -80,3 +80,17 @@ class RoutingCounters:
         """(lookups, misses, layer steps) counted on the device, over all layers."""
         return (int(self.device_lookups.numpy().sum()), int(self.device_misses.numpy().sum()),
                 int(self.device_steps.numpy().sum()))
+
+
+class RoutingLog:
+    """The expert ids of the first `max_steps` eager layer steps, in order: (MoE layer, ids
+    [T, K]) each. What an engine routed, read back by tests (collective_rpc
+    "expert_offload_routing_log"); steps inside CUDA graphs are not seen."""
+
+    def __init__(self, max_steps: int):
+        self.max_steps = max_steps
+        self.steps: list[tuple[int, list[list[int]]]] = []
+
+    def record(self, layer: int, ids) -> None:
+        if len(self.steps) < self.max_steps:
+            self.steps.append((layer, ids.tolist()))

@@ -46,9 +46,10 @@ def models(tmp_path_factory) -> dict[str, Path]:
 
 def run_engine(model: Path, tmp_path: Path, additional: dict | None = None,
                max_tokens: int = 32, llm_kwargs: dict | None = None, env: dict | None = None,
-               helper: str = "run_llm") -> subprocess.CompletedProcess:
+               helper: str = "run_llm", prompts: list | None = None
+               ) -> subprocess.CompletedProcess:
     """Runs tests/helpers/<helper>.py in a fresh process; returns the finished process."""
-    spec = {"prompts": PROMPTS, "max_tokens": max_tokens, "logprobs": 5,
+    spec = {"prompts": prompts or PROMPTS, "max_tokens": max_tokens, "logprobs": 5,
             "llm_kwargs": llm_kwargs or {}}
     tag = f"{helper}-{len(list(tmp_path.iterdir()))}"
     inp, out = tmp_path / f"{tag}.in.json", tmp_path / f"{tag}.out.json"
