@@ -54,6 +54,15 @@ class RealisticRouting:
                              top_k=config["num_experts_per_tok"], seed=ROUTING_SEED)
         self.table = table(model, len(self.cycle.ids))  # [m, L_moe, K]
 
+    @classmethod
+    def from_hf_config(cls, hf_config) -> "RealisticRouting":
+        """From a transformers config object (its to_dict() may rename num_experts)."""
+        keys = ("hidden_size", "vocab_size", "num_hidden_layers", "num_experts",
+                "num_experts_per_tok", "decoder_sparse_step")
+        config = {key: getattr(hf_config, key) for key in keys}
+        config["mlp_only_layers"] = list(getattr(hf_config, "mlp_only_layers", None) or [])
+        return cls(config)
+
     def logits(self, moe_index: int) -> torch.Tensor:
         """g [E, m]: expert e's router logit at cycle position j."""
         ids = torch.from_numpy(self.table[:, moe_index])  # [m, K]
@@ -95,7 +104,7 @@ def register_load_format() -> None:
     class RealisticRoutingLoader(DummyModelLoader):
         def load_weights(self, model: torch.nn.Module, model_config) -> None:
             super().load_weights(model, model_config)
-            routing = RealisticRouting(model_config.hf_text_config.to_dict())
+            routing = RealisticRouting.from_hf_config(model_config.hf_text_config)
             with torch.no_grad():
                 for name, param in model.named_parameters():
                     fixed = routing.tensor(name, tuple(param.shape))

@@ -16,7 +16,7 @@ import pytest
 
 from tests.e2e.conftest import HAS_CUDA, engine_env, generate
 from vllm_moe_offload.checkpoint import write_checkpoint
-from vllm_moe_offload.realistic import RealisticRouting
+from vllm_moe_offload.realistic import LOAD_FORMAT, RealisticRouting
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from cache_sim import replay  # noqa: E402
@@ -39,10 +39,10 @@ def walk(tmp_path_factory):
     return path, routing, prompts
 
 
-def run(walk, tmp_path, additional=None):
+def run(walk, tmp_path, additional=None, **llm_kwargs):
     path, _, prompts = walk
     return generate(path, tmp_path, additional, max_tokens=NEW_TOKENS, prompts=prompts,
-                    llm_kwargs={"enforce_eager": True},
+                    llm_kwargs={"enforce_eager": True, **llm_kwargs},
                     env=engine_env(MOE_OFFLOAD_ROUTING_LOG="100000"))
 
 
@@ -84,10 +84,12 @@ def test_engine_routes_like_the_real_model(walk, tmp_path):
             recorded = replay(real_trace, policy, slots)["hit_rate"]
             assert abs(engine - recorded) <= 0.03, (policy, slots, engine, recorded)
 
-    # Another engine (a cache twice as large) routes identically, and stock vLLM walks the
-    # same tokens, hence the same positions and routers: the same routing.
+    # Another engine routes identically: a cache twice as large, and the same routers built
+    # at load time over dummy weights (the benchmarks' way: no checkpoint to write). Stock vLLM
+    # walks the same tokens, hence the same positions and routers: the same routing.
     half = run(walk, tmp_path, {"expert_offload": {**QUARTER["expert_offload"],
-                                                   "cache_slots": LAYERS * 64}})
+                                                   "cache_slots": LAYERS * 64}},
+               load_format=LOAD_FORMAT)
     # (its batches may split the prefills otherwise: compared per request, every row checked)
     assert np.array_equal(per_request_routing(half, routing), trace)
     assert half["stats"]["hit_rate"] > quarter["stats"]["hit_rate"]
