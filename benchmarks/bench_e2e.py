@@ -4,14 +4,22 @@ the `stock` and `uva` baselines in benchmarks.md: offline LLM, random prompt ids
 1.0, ignore_eos, one short warm-up generate, wall time of one `generate` per scenario. Per-
 request first-token and last-token times (vLLM's request stats) give TTFT and TPOT.
 
-usage (GPU machine, kit env; VLLM_MOE_ROUTING_SIMULATION_STRATEGY=uniform_random for uniform
-routing): python benchmarks/bench_e2e.py SYSTEM SCENARIOS [--out F.json] [--preset P]
+usage (GPU machine, kit env): python benchmarks/bench_e2e.py SYSTEM SCENARIOS
+       [--routing uniform|realistic|model] [--out F.json] [--preset P]
   SYSTEM: stock | uvaNN | offloadNN[+prefetch][+zerocopy|+auto]   (NN: percent of the expert
           bytes held on the GPU; offloadNN: --expert-decode synced; +zerocopy: zero-copy;
           +auto: auto, the plugin's default)
   SCENARIOS: comma-separated lat,thr,ttft or nN (N sequences of 128 -> 64 tokens: the
              concurrency sweep the planner's --max-num-seqs is checked against; 64 decode
              steps keep n128 near half a minute at a 25% budget)
+  --routing (the same for every system; every row records it): `uniform`: vLLM's routing
+          simulator (VLLM_MOE_ROUTING_SIMULATION_STRATEGY=uniform_random, which the plugin
+          honours too), the worst case for any cache; `realistic` (default): the
+          realistic-routing load format, dummy weights whose routers route like the real
+          Qwen3-30B-A3B (realistic.py); `model`: load_format=dummy's own random routers.
+  --routing-stats N: afterwards N requests of 256 tokens with vLLM's
+          --enable-return-routed-experts (stock and uva only: vLLM 0.26 captures its own MoE
+          layers), and the statistics of the routing the engine did beside the real trace's.
 Each run writes one JSON; benchmarks/e2e_report.py merges runs into the table, JSON and plot.
 """
 
@@ -31,8 +39,11 @@ import torch
 from vllm_moe_offload.checkpoint import PRESETS, hf_config
 from vllm_moe_offload.geometry import MoeGeometry
 from vllm_moe_offload.profiler import measure_h2d_gbps
+from vllm_moe_offload.realistic import LOAD_FORMAT as REALISTIC_LOAD_FORMAT
 
 SCENARIOS = {"lat": (1, 128, 256), "thr": (64, 128, 256), "ttft": (16, 2048, 16)}
+ROUTINGS = ("uniform", "realistic", "model")
+UNIFORM_ENV = "VLLM_MOE_ROUTING_SIMULATION_STRATEGY"
 GIB = 1 << 30
 
 
@@ -85,11 +96,14 @@ def parse_system(system: str) -> tuple[str, float | None, set[str]]:
     return "stock", None, set()
 
 
-def engine_kwargs(system: str, model_dir: Path, expert_gib: float, engines: int = 1) -> dict:
+def engine_kwargs(system: str, model_dir: Path, expert_gib: float, engines: int = 1,
+                  routing: str = "realistic") -> dict:
     """engines: how many start side by side on the card. The KV cache has a fixed size, so
-    gpu_memory_utilization only sets the free memory that vLLM checks for at start-up."""
+    gpu_memory_utilization only sets the free memory that vLLM checks for at start-up.
+    routing: see the module's doc (`uniform` also needs UNIFORM_ENV, set by `use_routing`)."""
     kind, share, extras = parse_system(system)
-    kw = dict(model=str(model_dir), skip_tokenizer_init=True, load_format="dummy",
+    load_format = REALISTIC_LOAD_FORMAT if routing == "realistic" else "dummy"
+    kw = dict(model=str(model_dir), skip_tokenizer_init=True, load_format=load_format,
               max_model_len=4096, kv_cache_memory_bytes=8 << 30, max_num_seqs=256, seed=0,
               disable_log_stats=False, gpu_memory_utilization=0.9 / engines)
     if kind == "uva":  # exactly as baseline_reference.py
@@ -103,6 +117,16 @@ def engine_kwargs(system: str, model_dir: Path, expert_gib: float, engines: int 
         kw.update(kv_cache_memory_bytes=None, max_model_len=512, gpu_memory_utilization=0.3,
                   enforce_eager=True)
     return kw
+
+
+def use_routing(routing: str) -> None:
+    """Sets this process's routing (the engine's processes inherit it) before vLLM starts."""
+    if routing not in ROUTINGS:
+        raise SystemExit(f"unknown routing {routing!r}: one of {', '.join(ROUTINGS)}")
+    if routing == "uniform":
+        os.environ[UNIFORM_ENV] = "uniform_random"
+    elif os.environ.pop(UNIFORM_ENV, None):
+        print(f"bench_e2e: {UNIFORM_ENV} unset for --routing {routing}")
 
 
 def request_times(outs) -> tuple[list[float], list[float]]:
@@ -138,7 +162,14 @@ def main() -> None:
                              "(trace_summary.py)")
     parser.add_argument("--barrier", default=None, type=barrier_spec, metavar="DIR:N",
                         help="N engines start side by side and measure one at a time")
+    parser.add_argument("--routing", default="realistic", choices=ROUTINGS)
+    parser.add_argument("--routing-stats", type=int, default=0, metavar="N",
+                        help="then N requests with vLLM's routed-experts capture: the "
+                             "engine's routing statistics (stock and uva only)")
     args = parser.parse_args()
+    use_routing(args.routing)
+    if args.routing_stats and parse_system(args.system)[0] == "offload":
+        raise SystemExit("--routing-stats needs vLLM's own MoE layers: stock or uvaNN")
     from vllm import LLM
 
     config = hf_config(PRESETS[args.preset])
@@ -151,14 +182,17 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     t0 = time.time()
     engines = args.barrier[1] if args.barrier else 1
-    kwargs = engine_kwargs(args.system, model_dir, expert_gib, engines)
+    kwargs = engine_kwargs(args.system, model_dir, expert_gib, engines, args.routing)
+    if args.routing_stats:
+        kwargs["enable_return_routed_experts"] = True
     if args.trace:
         kwargs["profiler_config"] = {"profiler": "torch", "torch_profiler_with_stack": False,
                                      "torch_profiler_dir": str(Path(args.trace).resolve())}
     llm = LLM(**kwargs)
     load_s = time.time() - t0
     result = dict(card=torch.cuda.get_device_name() if cuda else "cpu",
-                  date=time.strftime("%Y-%m-%d"), model=args.preset, rows=[])
+                  date=time.strftime("%Y-%m-%d"), model=args.preset, routing=args.routing,
+                  rows=[])
     try:
         import vllm
         result["vllm"] = vllm.__version__
@@ -176,6 +210,10 @@ def main() -> None:
         rows = run_scenarios(llm, args, config, geometry, load_s, save)
         if args.trace:
             result["trace"] = trace_decode(llm, args.trace, geometry.num_moe_layers)
+            save(rows)
+        if args.routing_stats:
+            result["routing_stats"] = routing_stats(llm, args.routing_stats, config)
+            print("ROUTING", json.dumps(result["routing_stats"]), flush=True)
             save(rows)
     print(f"{result['card']}  bw_h2d {result['bw_h2d_gbs']} GB/s  engine start {load_s:.0f} s")
     for r in rows:
@@ -228,8 +266,7 @@ def run_scenarios(llm, args, config: dict, geometry: MoeGeometry, load_s: float,
                    n=n, prompt=plen, out=olen, tok_s=round(ntok / dt, 2), wall_s=round(dt, 2),
                    ttft_ms_p50=pct(ttft, 50), tpot_ms_p50=pct(tpot, 50),
                    tpot_ms_p99=pct(tpot, 99), load_s=round(load_s, 1),
-                   gpu_mem_used_gib=used_gib,
-                   routing=os.environ.get("VLLM_MOE_ROUTING_SIMULATION_STRATEGY", "model"))
+                   gpu_mem_used_gib=used_gib, routing=args.routing)
         if after:
             row.update(offload_row(before, after, ntok, geometry.num_moe_layers))
         rows.append(row)
@@ -239,6 +276,32 @@ def run_scenarios(llm, args, config: dict, geometry: MoeGeometry, load_s: float,
 
 
 TRACE_TOKENS = 16
+STATS_TOKENS = 256
+
+
+def routing_stats(llm, requests: int, config: dict) -> dict:
+    """`requests` requests of STATS_TOKENS tokens at once, their routing as the engine did it
+    (vLLM's routed-experts capture), measured per request beside the real trace."""
+    import numpy as np
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from vllm_moe_offload.checkpoint import moe_layer_ids
+    from vllm_moe_offload.traces import load_real_trace, measure
+    rng = random.Random(1)
+    prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(1000, config["vocab_size"])
+                                              for _ in range(16)]) for _ in range(requests)]
+    params = SamplingParams(max_tokens=STATS_TOKENS, temperature=1.0, ignore_eos=True,
+                            detokenize=False, seed=0)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    layers = moe_layer_ids(config)
+    decode = [np.asarray(o.outputs[0].routed_experts)[16:16 + STATS_TOKENS - 1, layers]
+              for o in outs]  # the tokens fed after the prompt: [steps, L, K] each
+    trace = np.stack(decode, axis=2)  # [steps, L, R, K]
+    round3 = lambda d: {k: round(v, 3) for k, v in d.items()}  # noqa: E731
+    return {"requests": requests, "tokens": trace.shape[0],
+            "engine": round3(measure(trace, config["num_experts"])),
+            "real_trace_top6": round3(measure(load_real_trace(), config["num_experts"]))}
 
 
 def trace_decode(llm, trace_dir: str, num_moe_layers: int) -> dict:

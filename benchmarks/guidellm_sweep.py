@@ -44,12 +44,13 @@ from types import SimpleNamespace
 
 import requests
 import torch
-from bench_e2e import GIB, engine_kwargs
+from bench_e2e import GIB, ROUTINGS, engine_kwargs, use_routing
 
 from vllm_moe_offload.checkpoint import PRESETS, hf_config, write_checkpoint
 from vllm_moe_offload.draft import write_draft
 from vllm_moe_offload.geometry import MoeGeometry
 from vllm_moe_offload.profiler import measure_h2d_gbps
+from vllm_moe_offload.realistic import LOAD_FORMAT as REALISTIC_LOAD_FORMAT
 from vllm_moe_offload.server import free_port, running_servers, serve_command
 from vllm_moe_offload.tokenizer import build_tokenizer
 
@@ -92,7 +93,8 @@ SMOKE_SERVER = dict(max_model_len=512, gpu_memory_utilization=0.3, enforce_eager
 
 
 def server_kwargs(system: str, model: Path, draft: Path | None, budget: float,
-                  is_dummy: bool, is_smoke: bool, k_default: int = NUM_SPECULATIVE_TOKENS,
+                  load_format: str | None, is_smoke: bool,
+                  k_default: int = NUM_SPECULATIVE_TOKENS,
                   engines: int = 1, kv_cache_gib: float = 4.0,
                   max_concurrency: int | None = None) -> dict:
     """vLLM engine arguments of one system, from bench_e2e.engine_kwargs; `engines` of them
@@ -106,7 +108,7 @@ def server_kwargs(system: str, model: Path, draft: Path | None, budget: float,
             "offload+auto": f"offload{percent}+auto"}.get(system, f"offload{percent}")
     kw = engine_kwargs(base, model, expert_gib(model), engines)
     kw.pop("skip_tokenizer_init")  # guidellm sends text
-    kw["load_format"] = "dummy" if is_dummy else None
+    kw["load_format"] = load_format  # None: vLLM's default, the checkpoint's weights
     if kw["kv_cache_memory_bytes"]:
         kw["kv_cache_memory_bytes"] = int(kv_cache_gib * GIB)
     if max_concurrency:
@@ -228,7 +230,7 @@ class Server:
 
 def server_for(system: str, args, model: Path, draft: Path | None, load: Load, raw: Path,
                engines: int = 1) -> Server:
-    kwargs = server_kwargs(system, model, draft, args.budget, args.load_format == "dummy",
+    kwargs = server_kwargs(system, model, draft, args.budget, args.load_format,
                            args.smoke, args.spec_tokens, engines, args.kv_cache_gib,
                            max(load.concurrencies))
     port = free_port()
@@ -283,7 +285,7 @@ def prepare_models(args, work: Path) -> tuple[Path, Path | None]:
         config = hf_config(PRESETS[args.model])
         (model / "config.json").write_text(json.dumps(config, indent=2))
         build_tokenizer(model, config["vocab_size"])
-        args.load_format = "dummy"
+        args.load_format = REALISTIC_LOAD_FORMAT if args.routing == "realistic" else "dummy"
     draft = Path(args.draft) if args.draft else None
     if draft is None and any(spec_tokens(s, 1) for s in args.systems):
         draft = write_draft(work / "draft", model, kind="random", progress=False)
@@ -302,7 +304,7 @@ def metadata(model: Path, args) -> dict:
     return dict(card=torch.cuda.get_device_name() if has_cuda else "cpu", vllm=vllm_version,
                 commit=commit, date=time.strftime("%Y-%m-%d"), model=args.model or model.name,
                 load_format=args.load_format or "auto",
-                routing=os.environ.get("VLLM_MOE_ROUTING_SIMULATION_STRATEGY", "model"),
+                routing=args.routing,
                 bw_h2d_gbs=round(measure_h2d_gbps(1 << 24, "cuda"), 1) if has_cuda else None)
 
 
@@ -378,6 +380,11 @@ def main() -> None:
     parser.add_argument("--waves", type=int, default=None,
                         help="requests per stream per point (default 2)")
     parser.add_argument("--load-format", default=None, help="e.g. dummy (default: vLLM's)")
+    parser.add_argument("--routing", default="model", choices=ROUTINGS,
+                        help="uniform: vLLM's routing simulator in every server; realistic: a "
+                             "preset is served with the realistic-routing load format, a "
+                             "checkpoint must be written with make-model --routing realistic; "
+                             "model (default): the checkpoint's own routers")
     parser.add_argument("--kv-cache-gib", type=float, default=4.0,
                         help="KV cache per GPU server (default 4: concurrency 64 at this load)")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
@@ -392,6 +399,7 @@ def main() -> None:
         return
     if not args.smoke and not args.model:
         parser.error("give --model (a preset name or a checkpoint directory) or --smoke")
+    use_routing(args.routing)  # the servers inherit this process's environment
     default_systems = "offload,offload+eagle3" if args.smoke else ",".join(SYSTEMS)
     args.systems = (args.systems or default_systems).split(",")
     if args.spec_tokens < 1:

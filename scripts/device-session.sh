@@ -11,10 +11,13 @@
 #   equality [K]: GPU e2e tests (greedy equality with CUDA graphs), pytest -k K
 #   fullsize: writes the full-size qwen3-30b-a3b-fp8 checkpoint to /root (once per lease) and
 #             runs its greedy-equality test (stock vs offload at 25%, engines side by side)
-#   e2e "SYSTEMS" SCENARIOS : benchmarks/bench_e2e.py per system, uniform routing; the engines
-#             start side by side and measure one at a time (--barrier); they must fit the card
-#             together, e.g. e2e "uva25 offload25+zerocopy" lat,thr,ttft   [later calls]
+#   e2e "SYSTEMS" SCENARIOS [ROUTING]: benchmarks/bench_e2e.py per system, ROUTING uniform,
+#             realistic (default) or model (bench_e2e.py --routing); the engines start side by
+#             side and measure one at a time (--barrier); they must fit the card together,
+#             e.g. e2e "uva25 offload25" lat,n8,n64,ttft uniform   [later calls]
 #             or the concurrency sweep: e2e "offload25" n1,n4,n8,n16,n32,n64,n128
+#             ROUTING_STATS=N: the stock/uva engines then route N requests with vLLM's
+#             routed-experts capture (bench_e2e.py --routing-stats)
 #   trace SYSTEM: bench_e2e.py SYSTEM lat --trace: one sequence's decode steps under vLLM's
 #             torch profiler, split by trace_summary.py (where a synced layer step's time goes)
 #   step [TOKENS]: benchmarks/bench_step.py, the plugin's layer steps (synced and zero-copy)
@@ -22,11 +25,13 @@
 #             trace_summary.py; vLLM staged only for its grouping kernel, no engine starts
 #   plan    : `vllm-moe-offload plan` on the card (its profile: h2d, GEMM against tokens, the
 #             host-synced layer step's fixed cost) -> plan.json, for planner_check.py
-#   walk    : the full-size --predictable target and its oracle EAGLE-3 draft (miss rate 0.3)
+#   walk    : the full-size --predictable target (realistic routers) and its oracle EAGLE-3
+#             draft (miss rate 0.3)
 #             in /root (once per lease), then greedy equality of offload25+EAGLE-3 against stock
 #             with CUDA graphs (tests/e2e/test_full_size.py -k eagle3)
 #   guidellm "SYSTEMS" CONCURRENCIES [SECONDS [WAVES]]: benchmarks/guidellm_sweep.py
-#             --side-by-side on that target (written first if missing), uniform routing, WAVES
+#             --side-by-side on that target (written first if missing), routing $ROUTING
+#             (realistic by default: the walk target's routers; uniform: the simulator), WAVES
 #             requests a stream per point (default 2; SECONDS bounds a point, default 300),
 #             e.g. guidellm "offload,offload+eagle3" 1,8,32,64
 #   serve   : `vllm serve --enable-expert-offload` answers a chat
@@ -61,11 +66,12 @@ full_size_test() {
   find "/root/$name-test" -name "run_llm-*.out.json" | while read -r f; do
     cp "$f" "$out/$name-$(basename "$(dirname "$f")").json"; done
 }
-# the full-size --predictable target and its oracle draft (miss rate 0.3), once per lease
+# the full-size --predictable target with realistic routers and its oracle draft (miss rate
+# 0.3), once per lease
 walk_model() {
   [ -f /root/walk/model.safetensors.index.json ] && [ -f /root/walk-draft/model.safetensors ] || \
     python3 -m vllm_moe_offload make-model \
-    /root/walk --preset qwen3-30b-a3b-fp8 --predictable --draft /root/walk-draft \
+    /root/walk --preset qwen3-30b-a3b-fp8 --routing realistic --draft /root/walk-draft \
     --draft-kind oracle --draft-miss-rate 0.3 2>&1 | tail -1
 }
 case "$1" in
@@ -94,14 +100,16 @@ fullsize)
   MOE_OFFLOAD_FULL_SIZE_MODEL=$model full_size_test fullsize 520 ;;
 e2e)
   with_vllm
-  systems=($2); barrier=/tmp/e2e-barrier-$$:${#systems[@]}
+  systems=($2); barrier=/tmp/e2e-barrier-$$:${#systems[@]}; routing=${4:-realistic}
   for system in "${systems[@]}"; do
-    VLLM_MOE_ROUTING_SIMULATION_STRATEGY=uniform_random python3 benchmarks/bench_e2e.py \
-      "$system" "$3" --barrier "$barrier" --out "$out/e2e-${system//+/_}.json" > "$out/e2e-${system//+/_}.log" 2>&1 &
+    stats=(); [[ -n "${ROUTING_STATS:-}" && "$system" != offload* ]] && stats=(--routing-stats "$ROUTING_STATS")
+    name="e2e-$routing-${system//+/_}"
+    python3 benchmarks/bench_e2e.py "$system" "$3" --routing "$routing" "${stats[@]}" \
+      --barrier "$barrier" --out "$out/$name.json" > "$out/$name.log" 2>&1 &
   done
   wait
   for system in "${systems[@]}"; do
-    echo "== $system"; grep -E "RESULT|Error|error:|engine start" "$out/e2e-${system//+/_}.log" | cut -c1-400 | tail -6
+    echo "== $system ($routing)"; grep -E "RESULT|ROUTING|Error|error:|engine start" "$out/e2e-$routing-${system//+/_}.log" | cut -c1-400 | tail -7
   done ;;
 walk)
   with_vllm
@@ -116,8 +124,9 @@ guidellm)
   # write included; KILL 30 s later): the sweep stops its servers, the copies below still run
   left=$((${GUIDELLM_DEADLINE_S:-520} - SECONDS))
   ((left > 60)) || { echo "guidellm: ${left} s of the call left, too few to start"; exit 1; }
-  VLLM_MOE_ROUTING_SIMULATION_STRATEGY=uniform_random timeout -k 30 "$left" \
+  timeout -k 30 "$left" \
     python3 benchmarks/guidellm_sweep.py --model /root/walk --draft /root/walk-draft \
+    --routing "${ROUTING:-realistic}" \
     --systems "$2" --concurrency "$3" --seconds "${4:-300}" --waves "${5:-2}" --side-by-side \
     --out "$dir" > "$out/guidellm.log" 2>&1
   rc=$?
@@ -129,7 +138,7 @@ guidellm)
 trace)
   with_vllm
   dir=/root/trace-$(date +%s)
-  VLLM_MOE_ROUTING_SIMULATION_STRATEGY=uniform_random python3 benchmarks/bench_e2e.py "$2" lat \
+  python3 benchmarks/bench_e2e.py "$2" lat --routing "${ROUTING:-realistic}" \
     --trace "$dir" --out "$out/e2e-trace.json" > "$out/e2e-trace.log" 2>&1
   grep -E "RESULT|TRACE|Error" "$out/e2e-trace.log" | cut -c1-600
   # every trace: trace_summary.py picks the one that holds the op, not merely the newest

@@ -34,7 +34,7 @@ def test_systems_name_their_decode_path(tmp_path):
         with pytest.raises(SystemExit, match="unknown system"):
             engine_kwargs(bad, Path("m"), 28.0)
     for system, mode in (("offload+auto", "auto"), ("offload", "synced")):
-        served = server_kwargs(system, tmp_path, None, 0.25, True, False)
+        served = server_kwargs(system, tmp_path, None, 0.25, "dummy", False)
         assert served["additional_config"]["expert_offload"]["decode"] == mode
 
 
@@ -62,6 +62,25 @@ def test_report_orders_rows_and_bounds_offload_by_the_pcie_bytes():
     row = report["rows"][0]
     # 0.5 GB at 50 GB/s (10 ms) + stock's 10 ms per token: 50 tok/s, of which 10 measured
     assert row["bound_tok_s"] == 50.0 and row["efficiency"] == 0.2
+
+
+def test_report_compares_each_routing_with_its_own_uva_row():
+    rows = []
+    for routing, uva_tok_s in (("uniform", 30.0), ("realistic", 40.0)):
+        for system, tok_s, ttft in (("uva25", uva_tok_s, 9000.0), ("offload25", 60.0, 3000.0)):
+            rows += [dict(system=system, routing=routing, budget=0.25, scenario="lat",
+                          tok_s=tok_s),
+                     dict(system=system, routing=routing, budget=0.25, scenario="ttft",
+                          tok_s=1.0, ttft_ms_p50=ttft)]
+    report = merge([{"card": "GPU", "date": "d", "model": "m", "bw_h2d_gbs": 50.0,
+                     "rows": rows}])
+    assert report["routing"] == ["realistic", "uniform"]
+    ratios = {(r["routing"], r["scenario"], r["system"]): r.get("vs_uva")
+              for r in report["rows"]}
+    assert ratios[("uniform", "lat", "offload25")] == 2.0
+    assert ratios[("realistic", "lat", "offload25")] == 1.5
+    assert ratios[("realistic", "ttft", "offload25")] == 3.0  # uva's TTFT over ours
+    assert ratios[("uniform", "lat", "uva25")] is None
 
 
 def sweep_run(system, tok_s_by_n, budget=0.25):
