@@ -13,7 +13,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from vllm_moe_offload.checkpoint import quantize_fp8_block  # noqa: E402
-from vllm_moe_offload.kernels import grouped_gemm  # noqa: E402
+from vllm_moe_offload.kernels import grouped_gemm
+from vllm_moe_offload.kernels.directory import HOST, SKIP  # noqa: E402
 from vllm_moe_offload.kernels.grouped_gemm import grouped_experts_triton  # noqa: E402
 from vllm_moe_offload.kernels.reference import grouped_experts, route  # noqa: E402
 from vllm_moe_offload.store import ExpertLayout  # noqa: E402
@@ -149,9 +150,10 @@ def test_tile_order_leaves_every_result_bit_unchanged(fp8):
 
 
 @pytest.mark.parametrize("fp8", [False, True])
-def test_zero_copy_pass_reads_missing_experts_from_the_host_store(fp8):
-    """One pass over a map with holes plus the host store's views computes exactly what a
-    pass with every expert in the pool computes."""
+def test_zero_copy_pass_reads_host_experts_from_the_host_store(fp8):
+    """One pass over a map placing half the experts in slots, marking some HOST and leaving the
+    rest SKIP computes, with the host store's views, exactly the rows of the slot and HOST
+    experts that a pass with every expert in the pool computes, and leaves the others."""
     h, inter, e, k, tokens = 256, 128, 12, 4, 9
     gen = torch.Generator().manual_seed(7 + fp8)
     layout = ExpertLayout(h, inter, torch.float8_e4m3fn if fp8 else torch.bfloat16,
@@ -159,20 +161,21 @@ def test_zero_copy_pass_reads_missing_experts_from_the_host_store(fp8):
     host = random_pool(layout, e, gen).cpu()  # the store: expert i in record i
     if DEVICE == "cuda":
         host = host.pin_memory()
-    slots = torch.randperm(e, generator=gen)[:e // 2].tolist()  # half the experts cached
+    order = torch.randperm(e, generator=gen).tolist()
+    slots, from_host, skipped = order[:e // 2], order[e // 2:-2], order[-2:]
     pool = torch.empty(e // 2, layout.record_bytes, dtype=torch.uint8)
     for s, expert in enumerate(slots):
         pool[s] = host[expert]
     pool = pool.to(DEVICE)
     weights, host_weights = layout.views(pool), layout.views(host)
+    pass_map = torch.full((e,), HOST, dtype=torch.int32)
+    pass_map[slots] = torch.arange(len(slots), dtype=torch.int32)
+    pass_map[skipped] = SKIP
     hidden = torch.randn(tokens, h, generator=gen).bfloat16().to(DEVICE)
     topk_w, topk_ids = route(torch.randn(tokens, e, generator=gen).to(DEVICE), k, True)
     y = torch.full((tokens * k, h), float("nan"), dtype=torch.bfloat16, device=DEVICE)
     plan = grouped_gemm.plan_step(hidden, topk_w, topk_ids, weights, layout.block, e, y)
-    grouped_gemm.run_pass(plan, weights,
-                          grouped_gemm.slot_map_of(slots, list(range(len(slots))), e, DEVICE),
-                          host_weights)
-    assert torch.isfinite(y.float()).all(), "every row is written"
+    grouped_gemm.run_pass(plan, weights, pass_map.to(DEVICE), host_weights)
     # the same step with every expert in the pool (tested against the reference above)
     full = torch.empty_like(y)
     everything = list(range(e))
@@ -180,4 +183,7 @@ def test_zero_copy_pass_reads_missing_experts_from_the_host_store(fp8):
     plan = grouped_gemm.plan_step(hidden, topk_w, topk_ids, all_weights, layout.block, e, full)
     grouped_gemm.run_pass(plan, all_weights,
                           grouped_gemm.slot_map_of(everything, everything, e, DEVICE))
-    assert torch.equal(y, full)
+    computed = ~torch.isin(topk_ids.reshape(-1).cpu(), torch.tensor(skipped))
+    assert computed.any() and not computed.all()
+    assert torch.equal(y[computed.to(DEVICE)], full[computed.to(DEVICE)])
+    assert torch.isnan(y[~computed.to(DEVICE)].float()).all(), "SKIP rows are left as they are"

@@ -105,17 +105,17 @@ def _tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
 def _block_source(pid_m, block_expert_ptr, num_padded_ptr, slot_map_ptr, w_ptr, s_ptr,
                   hw_ptr, hs_ptr, stride_ws, stride_ss, BLOCK_M: tl.constexpr,
                   ZERO_COPY: tl.constexpr):
-    """(skip, weights base, scales base) of block pid_m. Skipped: past the padded end, or
-    (without zero-copy) an expert outside this pass. The base is the expert's slot in the
-    pool, or (zero-copy, no slot) its record in the pinned host store, read through the UVA
-    mapping; the two share one record layout, hence the strides."""
+    """(skip, weights base, scales base) of block pid_m. The pass map gives the expert's slot
+    in the pool, HOST (-2: zero-copy) for its record in the pinned host store, read through
+    the UVA mapping (the two share one record layout, hence the strides), or SKIP (-1: not
+    in this pass; also past the padded end)."""
     in_range = pid_m * BLOCK_M < tl.load(num_padded_ptr)
     expert = tl.load(block_expert_ptr + pid_m, mask=in_range, other=-1).to(tl.int64)
     slot = tl.load(slot_map_ptr + expert, mask=expert >= 0, other=-1).to(tl.int64)
     if ZERO_COPY:
-        skip = expert < 0
+        skip = slot == -1
     else:
-        skip = slot < 0  # -1 past the end too
+        skip = slot < 0  # no host store given: HOST cannot be read
     if slot >= 0:
         w = w_ptr + slot * stride_ws
         s = s_ptr + slot * stride_ss
@@ -330,12 +330,12 @@ def plan_step(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.
 
 def run_pass(plan: StepPlan, weights: dict[str, torch.Tensor], slot_map: torch.Tensor,
              host_weights: dict[str, torch.Tensor] | None = None) -> None:
-    """Writes plan.y's rows of the pairs whose expert slot_map ([E] int32 on the device, -1:
-    not in this pass) places in a slot; other rows are left as they are.
+    """Writes plan.y's rows of the pairs whose expert the pass map slot_map ([E] int32 on the
+    device) places in a slot, or marks HOST (-2) when host_weights are given; SKIP (-1) rows
+    are left as they are.
 
     host_weights (zero-copy): the layer's typed views of the pinned host store ([E, ...], the
-    pool's record layout); then experts without a slot are computed too, reading their
-    weights from host memory (PCIe), and every row is written."""
+    pool's record layout); HOST experts are read from there, over PCIe."""
     cfg = dict(plan.config)
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
     group_m = cfg.pop("GROUP_M", 0)  # tables tuned before GROUP_M existed: order 0
