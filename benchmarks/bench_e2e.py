@@ -6,9 +6,7 @@ request first-token and last-token times (vLLM's request stats) give TTFT and TP
 
 usage (GPU machine, kit env): python benchmarks/bench_e2e.py SYSTEM SCENARIOS
        [--routing uniform|realistic|model] [--out F.json] [--preset P]
-  SYSTEM: stock | uvaNN | offloadNN[+prefetch][+zerocopy|+auto]   (NN: percent of the expert
-          bytes held on the GPU; offloadNN: --expert-decode synced; +zerocopy: zero-copy;
-          +auto: auto, the plugin's default)
+  SYSTEM: stock | uvaNN | offloadNN   (NN: percent of the expert bytes held on the GPU)
   SCENARIOS: comma-separated lat,thr,ttft or nN (N sequences of 128 -> 64 tokens: the
              concurrency sweep the planner's --max-num-seqs is checked against; 64 decode
              steps keep n128 near half a minute at a 25% budget)
@@ -80,20 +78,14 @@ def measure_alone(barrier: tuple[Path, int] | None, system: str, timeout_s: floa
     return lock
 
 
-DECODE_EXTRAS = {"zerocopy": "zero-copy", "auto": "auto"}  # system name extra -> --expert-decode
-
-
-def parse_system(system: str) -> tuple[str, float | None, set[str]]:
-    """'offload25+prefetch' -> ('offload', 0.25, {'prefetch'})."""
-    name, *extras = system.split("+")
-    if not set(extras) <= {"prefetch", *DECODE_EXTRAS} or len(set(extras) & set(DECODE_EXTRAS)) > 1:
-        raise SystemExit(f"unknown system {system!r}")
+def parse_system(system: str) -> tuple[str, float | None]:
+    """'offload25' -> ('offload', 0.25); 'stock' -> ('stock', None)."""
     for kind in ("uva", "offload"):
-        if name.startswith(kind):
-            return kind, int(name[len(kind):]) / 100, set(extras)
-    if name != "stock":
-        raise SystemExit(f"unknown system {system!r}")
-    return "stock", None, set()
+        if system.startswith(kind) and system[len(kind):].isdigit():
+            return kind, int(system[len(kind):]) / 100
+    if system != "stock":
+        raise SystemExit(f"unknown system {system!r}: stock, uvaNN or offloadNN")
+    return "stock", None
 
 
 def engine_kwargs(system: str, model_dir: Path, expert_gib: float, engines: int = 1,
@@ -101,7 +93,7 @@ def engine_kwargs(system: str, model_dir: Path, expert_gib: float, engines: int 
     """engines: how many start side by side on the card. The KV cache has a fixed size, so
     gpu_memory_utilization only sets the free memory that vLLM checks for at start-up.
     routing: see the module's doc (`uniform` also needs UNIFORM_ENV, set by `use_routing`)."""
-    kind, share, extras = parse_system(system)
+    kind, share = parse_system(system)
     load_format = REALISTIC_LOAD_FORMAT if routing == "realistic" else "dummy"
     kw = dict(model=str(model_dir), skip_tokenizer_init=True, load_format=load_format,
               max_model_len=4096, kv_cache_memory_bytes=8 << 30, max_num_seqs=256, seed=0,
@@ -109,10 +101,8 @@ def engine_kwargs(system: str, model_dir: Path, expert_gib: float, engines: int 
     if kind == "uva":  # exactly as baseline_reference.py
         kw.update(cpu_offload_gb=29.0 * (1 - share) * 0.93, cpu_offload_params={"experts"})
     elif kind == "offload":
-        kw["additional_config"] = {"expert_offload": {
-            "enabled": True, "cache_gb": expert_gib * share,
-            "prefetch": "correlation" if "prefetch" in extras else "off",
-            "decode": next((DECODE_EXTRAS[x] for x in extras if x in DECODE_EXTRAS), "synced")}}
+        kw["additional_config"] = {"expert_offload": {"enabled": True,
+                                                      "cache_gb": expert_gib * share}}
     if not torch.cuda.is_available():  # a CPU smoke run of this script
         kw.update(kv_cache_memory_bytes=None, max_model_len=512, gpu_memory_utilization=0.3,
                   enforce_eager=True)
@@ -322,20 +312,20 @@ def trace_decode(llm, trace_dir: str, num_moe_layers: int) -> dict:
 
 def offload_row(before: dict, after: dict, ntok: int, num_moe_layers: int) -> dict:
     """The scenario's share of the plugin's own counters."""
-    d = {k: after[k] - before[k] for k in ("hits", "misses", "bytes_h2d", "layer_steps",
-                                           "stall_ms", "prefetches", "prefetch_used")}
+    d = {k: after[k] - before[k] for k in ("hits", "misses", "fills", "reads", "bytes_h2d",
+                                           "layer_steps", "staged_steps", "stall_ms")}
     lookups = d["hits"] + d["misses"]
     steps = max(1, d["layer_steps"]) / num_moe_layers
     return dict(hit_rate=round(d["hits"] / max(1, lookups), 3),
                 pcie_gb_per_tok=round(d["bytes_h2d"] / 1e9 / ntok, 4),
-                bytes_h2d=d["bytes_h2d"], misses=d["misses"], prefetches=d["prefetches"],
-                slot_bytes=after["slot_bytes"],
-                bytes_check=d["bytes_h2d"] == (d["misses"] + d["prefetches"]) * after["slot_bytes"],
+                bytes_h2d=d["bytes_h2d"], misses=d["misses"], fills=d["fills"],
+                reads=d["reads"], slot_bytes=after["slot_bytes"],
+                bytes_check=d["bytes_h2d"] == (d["fills"] + d["reads"]) * after["slot_bytes"],
                 unique_experts_per_layer_step=round(lookups / max(1, d["layer_steps"]), 2),
+                staged_steps=d["staged_steps"],
                 stall_ms_per_step=round(d["stall_ms"] / steps, 3),
-                prefetch_precision=round(d["prefetch_used"] / d["prefetches"], 3)
-                if d["prefetches"] else None,
                 cache_gib=round(after["num_slots"] * after["slot_bytes"] / GIB, 2),
+                staging_gib=round(after["staging_slots"] * after["slot_bytes"] / GIB, 2),
                 pinned_gib=round(after["store_bytes"] / GIB, 2))
 
 

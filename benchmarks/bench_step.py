@@ -1,23 +1,22 @@
-"""MoE layer steps without vLLM around them: where a host-synced step's time goes.
+"""MoE layer steps without vLLM around them: what the plugin's own step costs.
 
-Inside vLLM a host-synced layer step (`step.synced_step`) costs 1.2-1.7 ms per layer beyond
-the time its missing experts take over PCIe (guidellm on an H100 at 25%, 1 and 8 streams),
-while `vllm-moe-offload plan` profiles 0.25 ms for a step whose experts all hit. This runs the
-plugin's own steps, with misses, over a cache holding BUDGET of the experts of LAYERS layers,
-under uniform routing (random router logits, as vLLM's routing simulator), with nothing of
-vLLM around them: per mode (`synced`, and `zero-copy`: `step.graph_step` run eagerly) and
-token count it reports the wall time per layer, the experts that missed, the copy-bound time
-of those misses at the copy engine's measured rate, and the rest. Compared with the same
-figures from an engine, it tells what the op costs and what the engine adds.
+Runs the plugin's layer steps, with misses, over a cache holding BUDGET of the experts of
+LAYERS layers, under uniform routing (random router logits, as vLLM's routing simulator), with
+nothing of vLLM around them. Modes: `device` (step.device_step, eagerly), `graph` (the same,
+every layer of a decode step captured in one CUDA graph and replayed, as vLLM's FULL graphs
+run it; CUDA only) and `staged` (step.staged_step, the large-step path). Per mode and token
+count it reports the wall time per layer, the experts that missed, the copy-bound time of those
+misses at the copy engine's measured rate, and the rest. Compared with the same figures from
+an engine, it tells what the op costs and what the engine adds.
 
 No vLLM needed (the GPU machine can run it before staging vLLM); on CPU it runs the torch
 reference, which is what the tests check.
 
 usage: python benchmarks/bench_step.py [--model qwen3-30b-a3b-fp8] [--layers 8]
-         [--budget 0.25] [--tokens 1,2,4,8,32] [--steps 10] [--modes synced,zero-copy]
+         [--budget 0.25] [--tokens 1,2,4,8,32] [--steps 10] [--modes device,graph,staged]
          [--trace DIR] [--out bench_step.json]
   --trace DIR: also a torch-profiler trace per (mode, tokens), each layer step marked
-  `moe_offload_step`: `python benchmarks/trace_summary.py DIR/synced-t8 --op moe_offload_step
+  `moe_offload_step`: `python benchmarks/trace_summary.py DIR/device-t8 --op moe_offload_step
   --layers LAYERS` splits it as it splits an engine's trace.
 """
 
@@ -35,7 +34,8 @@ from vllm_moe_offload.plan_cli import model_geometry
 from vllm_moe_offload.profiler import measure_h2d_gbps, time_ms
 from vllm_moe_offload.store import ExpertStore
 
-MODES = ("synced", "zero-copy")
+MODES = ("device", "graph", "staged")
+STEPS = {"device": step.device_step, "graph": step.device_step, "staged": step.staged_step}
 TRACE_MARK = "moe_offload_step"
 PREFILL_TOKENS = 128
 
@@ -46,11 +46,11 @@ class Row:
     tokens: int
     layer_ms: float  # wall time per layer step, median over the timed decode steps
     unique_per_layer: float  # routed experts per layer step
-    misses_per_layer: float  # fetched (synced) or read from host memory (zero-copy)
+    misses_per_layer: float  # filled, or read without a slot
+    fills_per_layer: float
     copy_ms_per_layer: float  # the misses' bytes at the measured copy rate
     rest_ms_per_layer: float  # layer_ms - copy_ms_per_layer
-    host_syncs_per_layer: float
-    stall_ms_per_layer: float  # compute stream waiting for copies (synced, CUDA)
+    stall_ms_per_layer: float  # compute stream waiting for staged copies (staged, CUDA)
 
 
 class Bench:
@@ -64,9 +64,8 @@ class Bench:
                              layers * self.geometry.top_k)
         self.h2d_gbps = measure_h2d_gbps(layout.record_bytes, device)
 
-    def cache(self, mode: str) -> ExpertCache:
-        cache = ExpertCache(self.store, self.num_slots, "lfu", device=self.device,
-                            graph_decode=mode == "zero-copy")
+    def cache(self) -> ExpertCache:
+        cache = ExpertCache(self.store, self.num_slots, device=self.device)
         cache.preload()
         return cache
 
@@ -79,37 +78,50 @@ class Bench:
             logits = torch.randn(hidden.shape[0], g.num_experts, device=self.device)
             with torch.profiler.record_function(TRACE_MARK) if mark else contextlib.nullcontext():
                 weights, ids = kernels.route(logits, g.top_k, True)
-                if mode == "synced":
-                    step.synced_step(cache, layer, hidden, weights, ids, out)
-                else:
-                    step.graph_step(cache, layer, hidden, weights, ids, out)
+                STEPS[mode](cache, layer, hidden, weights, ids, out)
+
+    def graphed(self, cache: ExpertCache, hidden: torch.Tensor, out: torch.Tensor):
+        """A decode step captured in one CUDA graph (its random logits drawn anew on every
+        replay): how vLLM's FULL graphs run it."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm up outside the capture, as vLLM does
+            self.decode_step(cache, "device", hidden, out)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.decode_step(cache, "device", hidden, out)
+        return graph.replay
 
     def run(self, mode: str, tokens: int, steps: int, trace: Path | None) -> Row:
         torch.manual_seed(tokens)  # every mode sees the same routing at a token count
-        cache = self.cache(mode)
+        cache = self.cache()
         hidden = torch.randn(tokens, self.geometry.layout.hidden, device=self.device)
         hidden = hidden.to(torch.bfloat16)
         out = torch.empty_like(hidden)
-        # a prefill's synced step fills every layer's slots, as in an engine, where decode
-        # steps in graphs then hit what the prefills left
+        # a prefill's step warms every layer's slots and scores, as in an engine
         prefill = torch.randn(PREFILL_TOKENS, hidden.shape[1], device=self.device)
         prefill = prefill.to(hidden.dtype)
-        self.decode_step(cache, "synced", prefill, torch.empty_like(prefill))
-        self.decode_step(cache, mode, hidden, out)  # compiles the kernels
+        self.decode_step(cache, "device", prefill, torch.empty_like(prefill))
+        if mode == "graph":
+            decode = self.graphed(cache, hidden, out)
+        else:
+            def decode():
+                self.decode_step(cache, mode, hidden, out)
+        decode()  # compiles the kernels
         self._sync()
         before = cache.snapshot()
-        layer_ms = time_ms(lambda: self.decode_step(cache, mode, hidden, out), self.device,
-                           repeats=steps) / self.store.num_layers
+        layer_ms = time_ms(decode, self.device, repeats=steps) / self.store.num_layers
         after = cache.snapshot()
-        layer_steps = (steps + 1) * self.store.num_layers  # time_ms warms up with one more
+        layer_steps = after.layer_steps - before.layer_steps
         misses = (after.misses - before.misses) / layer_steps
         unique = misses + (after.hits - before.hits) / layer_steps
         copy_ms = misses * self.geometry.layout.record_bytes / (self.h2d_gbps * 1e6)
-        if trace is not None:
+        if trace is not None and mode != "graph":
             self._trace(cache, mode, hidden, out, trace / f"{mode}-t{tokens}")
         return Row(mode, tokens, round(layer_ms, 4), round(unique, 2), round(misses, 2),
-                   round(copy_ms, 4), round(layer_ms - copy_ms, 4),
-                   round((after.host_syncs - before.host_syncs) / layer_steps, 3),
+                   round((after.fills - before.fills) / layer_steps, 2), round(copy_ms, 4),
+                   round(layer_ms - copy_ms, 4),
                    round((after.stall_ms - before.stall_ms) / layer_steps, 4))
 
     def _trace(self, cache, mode, hidden, out, folder: Path) -> None:
@@ -139,12 +151,13 @@ def vllm_version() -> str | None:
 
 
 def format_table(rows: list[Row]) -> str:
-    lines = [f"{'mode':>9} {'tokens':>6} {'ms/layer':>9} {'unique':>7} {'misses':>7} "
-             f"{'copy ms':>8} {'rest ms':>8} {'stall ms':>9}"]
+    lines = [f"{'mode':>7} {'tokens':>6} {'ms/layer':>9} {'unique':>7} {'misses':>7} "
+             f"{'fills':>6} {'copy ms':>8} {'rest ms':>8} {'stall ms':>9}"]
     for r in rows:
-        lines.append(f"{r.mode:>9} {r.tokens:>6} {r.layer_ms:>9.3f} {r.unique_per_layer:>7.1f} "
-                     f"{r.misses_per_layer:>7.1f} {r.copy_ms_per_layer:>8.3f} "
-                     f"{r.rest_ms_per_layer:>8.3f} {r.stall_ms_per_layer:>9.3f}")
+        lines.append(f"{r.mode:>7} {r.tokens:>6} {r.layer_ms:>9.3f} {r.unique_per_layer:>7.1f} "
+                     f"{r.misses_per_layer:>7.1f} {r.fills_per_layer:>6.1f} "
+                     f"{r.copy_ms_per_layer:>8.3f} {r.rest_ms_per_layer:>8.3f} "
+                     f"{r.stall_ms_per_layer:>9.3f}")
     return "\n".join(lines)
 
 
@@ -162,12 +175,14 @@ def main() -> None:
     parser.add_argument("--trace", default=None, help="directory for torch-profiler traces")
     parser.add_argument("--out", default="bench_step.json")
     args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     modes = args.modes.split(",")
-    if not set(modes) <= set(MODES):
-        parser.error(f"--modes: choose from {', '.join(MODES)}")
+    if device != "cuda" and "graph" in modes and args.modes == parser.get_default("modes"):
+        modes.remove("graph")  # CUDA graphs need CUDA
+    if not set(modes) <= set(MODES) or (device != "cuda" and "graph" in modes):
+        parser.error(f"--modes: choose from {', '.join(MODES)} (graph: CUDA only)")
     if not 0 < args.budget < 1 or args.layers < 1 or args.steps < 1:
         parser.error("need 0 < --budget < 1, --layers >= 1 and --steps >= 1")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     bench = Bench(args.model, args.layers, args.budget, device)
     trace = Path(args.trace) if args.trace else None
     rows = [bench.run(mode, int(t), args.steps, trace)

@@ -1,6 +1,11 @@
-"""Replays routing traces through the real `ExpertCache`, eviction policies and
-`CorrelationPrefetcher` on the CPU: hit rate, PCIe bytes per token and prefetch
-precision/recall per routing, policy, prefetch mode, cache size and batch.
+"""Replays routing traces through the cache's rule on the CPU: hit rate and PCIe bytes per
+token per routing, rule, cache size and batch.
+
+Rules: `device` is the rule the cache runs (on the GPU, kernels/directory.py: integer LFU with
+decay; misses take the slots of residents the step does not route to, the rest are read
+without a slot), replayed through its host model `policies.DirectoryModel`; `lfu` and `lru`
+are the host policies the cache ran before (policies.py: each step's misses evict the policy's
+victims outside their pass), for comparison: the device rule must stay within a point of LFU.
 
 Routings (vllm_moe_offload/traces.py):
 - `real`: the recorded Qwen3-30B-A3B response (benchmarks/data/real-routing/), batch 1, top-6;
@@ -12,7 +17,8 @@ Routings (vllm_moe_offload/traces.py):
   starting at random points of its cycle, in the shapes of bench_e2e's lat / n8 / n64: what the
   engine's hit rate should be under `--routing realistic`.
 Each step routes one token of each of `batch` requests through all 48 layers; the first 20%
-of the steps warm the cache and are not counted. Bytes at the real FP8 record size (4.72 MB).
+of the steps warm the cache and are not counted. Bytes at the real FP8 record size (4.72 MB):
+one record per miss (filled, or read without a slot).
 
 usage: python benchmarks/cache_sim.py [--out benchmarks/results/cache_sim.json] [--quick]
 """
@@ -25,14 +31,12 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from vllm_moe_offload.cache import ExpertCache
 from vllm_moe_offload.checkpoint import PRESETS, hf_config
-from vllm_moe_offload.prefetch import CorrelationPrefetcher
-from vllm_moe_offload.store import ExpertLayout, ExpertStore
+from vllm_moe_offload.policies import POLICIES, DirectoryModel
+from vllm_moe_offload.store import ExpertLayout
 from vllm_moe_offload.traces import RoutingModel, generate, load_real_trace, measure, uniform
 
 QWEN_RECORD_BYTES = ExpertLayout(2048, 768, torch.float8_e4m3fn, (128, 128)).record_bytes
-SIM_LAYOUT = ExpertLayout(hidden=16, inter=16, weight_dtype=torch.bfloat16)  # cheap copies
 NUM_EXPERTS = 128
 SEEDS = 8  # generated requests averaged against the one real one
 REAL_STEPS = 128
@@ -40,31 +44,53 @@ BATCH_STEPS = {1: 256, 8: 64, 64: 64}  # bench_e2e's lat and nN decode lengths
 SLOTS = (8, 16, 32, 64)  # per layer, of 128: 6.25 / 12.5 / 25 / 50%
 
 
-def replay(trace: np.ndarray, policy: str, slots_per_layer: int, prefetch: str = "off") -> dict:
-    """Hit rate, bytes per token and prefetch precision/recall of `trace` [steps, L, B, K]."""
+def replay(trace: np.ndarray, policy: str, slots_per_layer: int) -> dict:
+    """Hit rate and bytes per token of `trace` [steps, L, B, K] under `policy` ("device",
+    or a host policy of policies.POLICIES)."""
     steps, layers, batch, _ = trace.shape
-    store = ExpertStore(SIM_LAYOUT, layers, NUM_EXPERTS, pin=False)
-    cache = ExpertCache(store, slots_per_layer * layers, policy, device="cpu")
-    prefetcher = (CorrelationPrefetcher(layers, NUM_EXPERTS)
-                  if prefetch == "correlation" else None)
     warmup = steps // 5
+    hits = misses = 0
+    if policy == "device":
+        layer_models = [DirectoryModel(NUM_EXPERTS, list(range(slots_per_layer)))
+                        for _ in range(layers)]
+        def step(layer, ids):  # noqa: E306
+            fills, reads, hit = layer_models[layer].step(ids)
+            return len(hit), len(fills) + len(reads)
+    else:
+        residents = [set() for _ in range(layers)]
+        policies = [POLICIES[policy](NUM_EXPERTS) for _ in range(layers)]
+        def step(layer, ids):  # noqa: E306
+            return _host_policy_step(residents[layer], policies[layer], slots_per_layer, ids)
     for s in range(steps):
-        if s == warmup:
-            cache.stats = type(cache.stats)()
         for layer in range(layers):
-            ids = trace[s, layer]  # [batch, K]
-            for group in cache.schedule(layer, np.unique(ids).tolist()):
-                cache.fetch(layer, group)
-            if prefetcher is not None:
-                prefetcher.prefetch_next(cache, layer, ids)
-    st = cache.stats
+            h, m = step(layer, trace[s, layer])
+            if s >= warmup:
+                hits, misses = hits + h, misses + m
     tokens = (steps - warmup) * batch
-    return dict(policy=policy, prefetch=prefetch, slots_per_layer=slots_per_layer, batch=batch,
-                hit_rate=st.hit_rate,
-                bytes_per_token=(st.misses + st.prefetches) * QWEN_RECORD_BYTES / tokens,
-                prefetch_precision=st.prefetch_precision, prefetch_recall=st.prefetch_recall)
+    return dict(policy=policy, slots_per_layer=slots_per_layer, batch=batch,
+                hit_rate=hits / max(1, hits + misses),
+                bytes_per_token=misses * QWEN_RECORD_BYTES / tokens)
 
 
+def _host_policy_step(resident: set, policy, quota: int, ids: np.ndarray) -> tuple[int, int]:
+    """One step as the host-planned cache ran it: the hits first, then the misses in passes
+    of at most `quota`, each evicting the policy's victims outside its own pass."""
+    experts = np.unique(ids).tolist()
+    policy.observe(experts)
+    hits = [e for e in experts if e in resident]
+    for e in hits:
+        policy.touch(e)
+    misses = [e for e in experts if e not in resident]
+    for i in range(0, len(misses), quota):
+        group = misses[i:i + quota]
+        for e in group:
+            if len(resident) >= quota:
+                victim = policy.victim(set(group))
+                policy.remove(victim)
+                resident.discard(victim)
+            resident.add(e)
+            policy.insert(e)
+    return len(hits), len(misses)
 
 
 def realistic_top6(seeds: int = SEEDS, steps: int = REAL_STEPS) -> list[np.ndarray]:
@@ -79,7 +105,7 @@ def calibration(seeds: int = SEEDS) -> dict[str, dict]:
     for name, traces in (("real", [load_real_trace()]), ("realistic-top6", realistic_top6(seeds))):
         stats = [measure(t, NUM_EXPERTS) for t in traces]
         row = {k: float(np.mean([s[k] for s in stats])) for k in stats[0]}
-        for policy in ("lfu", "lru"):
+        for policy in ("lfu", "lru", "device"):
             for slots in (16, 32, 64):
                 row[f"{policy}_{slots}"] = float(np.mean([replay(t, policy, slots)["hit_rate"]
                                                           for t in traces]))
@@ -120,12 +146,11 @@ def plot(rows: list[dict], path: str) -> None:
                              figsize=(4.2 * cols, 3.4 * ((len(panels) + cols - 1) // cols)),
                              sharey=True, squeeze=False)
     for ax, (routing, batch) in zip(axes.flat, panels, strict=False):
-        for policy, prefetch in sorted({(r["policy"], r["prefetch"]) for r in rows}):
+        for policy in sorted({r["policy"] for r in rows}):
             pts = sorted((r["slots_per_layer"], r["hit_rate"]) for r in rows
-                         if (r["routing"], r["batch"], r["policy"], r["prefetch"])
-                         == (routing, batch, policy, prefetch))
+                         if (r["routing"], r["batch"], r["policy"]) == (routing, batch, policy))
             if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", label=f"{policy}+{prefetch}")
+                ax.plot(*zip(*pts, strict=True), marker="o", label=policy)
         ax.set_title(f"{routing} routing, batch {batch}", fontsize=9)
         ax.set_xlabel("slots per layer (of 128)")
         ax.set_xscale("log", base=2)
@@ -153,25 +178,22 @@ def main() -> None:
     rows = []
     for routing, by_batch in traces(args.quick).items():
         for batch, trace in by_batch.items():
-            for policy in ("lru", "lfu"):
+            for policy in ("lru", "lfu", "device"):
                 for slots in SLOTS:
-                    prefetches = ("off", "correlation") if routing == "realistic" else ("off",)
-                    for prefetch in prefetches:
-                        rows.append(dict(routing=routing, top_k=trace.shape[-1],
-                                         **replay(trace, policy, slots, prefetch)))
+                    rows.append(dict(routing=routing, top_k=trace.shape[-1],
+                                     **replay(trace, policy, slots)))
             print(f"{routing} batch {batch}: {trace.shape} replayed ({time.time() - t0:.0f} s)",
                   flush=True)
     with open(args.out, "w") as f:
         json.dump({"calibration": calib, "record_bytes": QWEN_RECORD_BYTES,
                    "model": RoutingModel().__dict__, "rows": rows}, f, indent=1)
     plot(rows, args.out.replace(".json", ".png"))
-    print(f"{'routing':>9} {'k':>2} {'batch':>5} {'policy':>4} {'prefetch':>11} {'slots':>5} "
-          f"{'hit':>6} {'MB/token':>9} {'prec':>5} {'recall':>6}")
+    print(f"{'routing':>9} {'k':>2} {'batch':>5} {'policy':>6} {'slots':>5} {'hit':>6} "
+          f"{'MB/token':>9}")
     for r in rows:
-        print(f"{r['routing']:>9} {r['top_k']:>2} {r['batch']:>5} {r['policy']:>4} "
-              f"{r['prefetch']:>11} {r['slots_per_layer']:>5} {r['hit_rate']:>6.3f} "
-              f"{r['bytes_per_token'] / 1e6:>9.1f} {r['prefetch_precision']:>5.2f} "
-              f"{r['prefetch_recall']:>6.2f}")
+        print(f"{r['routing']:>9} {r['top_k']:>2} {r['batch']:>5} {r['policy']:>6} "
+              f"{r['slots_per_layer']:>5} {r['hit_rate']:>6.3f} "
+              f"{r['bytes_per_token'] / 1e6:>9.1f}")
 
 
 if __name__ == "__main__":

@@ -4,10 +4,7 @@ concurrency, one `vllm serve` per system, the same GPU memory for each.
 Systems (`--systems`, comma-separated), set up as bench_e2e.py's `engine_kwargs` does:
   stock            all weights on the GPU
   uva              vLLM's --cpu-offload-gb with --cpu-offload-params experts
-  offload          --enable-expert-offload, cache_gb = BUDGET x the expert bytes, every step
-                   host-synced (--expert-decode synced, as every recorded run)
-  offload+auto     the same with the plugin's default --expert-decode auto (not in the
-                   default set)
+  offload          --enable-expert-offload, cache_gb = BUDGET x the expert bytes
   offload+eagle3   the same plus EAGLE-3 (--speculative-config, method eagle3), k = --spec-tokens
   offload+eagle3kN the same with N speculative tokens (the draft-length sweep)
 Per system: start the server, warm it up with one request, then per concurrency one guidellm
@@ -56,7 +53,6 @@ from vllm_moe_offload.tokenizer import build_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 SYSTEMS = ("stock", "uva", "offload", "offload+eagle3")
-OTHER_SYSTEMS = ("offload+auto",)
 SERVED_NAME = "model"
 NUM_SPECULATIVE_TOKENS = 3
 
@@ -67,9 +63,9 @@ def spec_tokens(system: str, default: int) -> int | None:
     match = re.fullmatch(r"offload\+eagle3(?:k([1-9]\d*))?", system)
     if match:
         return int(match[1]) if match[1] else default
-    if system not in SYSTEMS + OTHER_SYSTEMS:
+    if system not in SYSTEMS:
         raise SystemExit(f"unknown system {system!r}; choose from "
-                         f"{', '.join(SYSTEMS + OTHER_SYSTEMS)} or offload+eagle3kN")
+                         f"{', '.join(SYSTEMS)} or offload+eagle3kN")
     return None
 
 
@@ -104,8 +100,7 @@ def server_kwargs(system: str, model: Path, draft: Path | None, budget: float,
     more, and fewer batch sizes get CUDA graphs (offload on an H100: 65-66 s of capture at
     256, 18-50 s at 32 with EAGLE-3)."""
     percent = round(budget * 100)
-    base = {"stock": "stock", "uva": f"uva{percent}",
-            "offload+auto": f"offload{percent}+auto"}.get(system, f"offload{percent}")
+    base = {"stock": "stock", "uva": f"uva{percent}"}.get(system, f"offload{percent}")
     kw = engine_kwargs(base, model, expert_gib(model), engines)
     kw.pop("skip_tokenizer_init")  # guidellm sends text
     kw["load_format"] = load_format  # None: vLLM's default, the checkpoint's weights
@@ -365,7 +360,7 @@ def main() -> None:
     parser.add_argument("--draft", default=None, help="EAGLE-3 draft directory "
                         "(default: a random one, written by make-model's --draft code)")
     parser.add_argument("--systems", default=None,
-                        help=f"comma-separated, of {','.join(SYSTEMS + OTHER_SYSTEMS)} "
+                        help=f"comma-separated, of {','.join(SYSTEMS)} "
                              "(default: the first four; smoke: offload,offload+eagle3)")
     parser.add_argument("--spec-tokens", type=int, default=NUM_SPECULATIVE_TOKENS,
                         help="num_speculative_tokens of offload+eagle3 (default 3)")

@@ -4,12 +4,10 @@ The profile is built from measured files, nothing fitted to the offload runs it 
 h2d bandwidth from each offload run itself, the grouped-GEMM time against tokens from the
 kernel benchmark (CUDA-graph replays), the non-MoE time per layer (attention, dense parts,
 router) from the stock run: stock TPOT / layers - GEMM time, at n = 1 (fixed part) and
-n = 64 (per-sequence slope), and, for host-synced systems, the fixed cost of one synced layer
-step that `vllm-moe-offload plan` measured on the same card (--profile; its
-`layer_overhead_ms`) and, as the synced step runs eagerly between CUDA-graph pieces, its
-eager GEMM times (`gemm_ms`) in place of the graph replays. Zero-copy systems (+zerocopy) run
-whole decode steps in graphs and never sync, so they keep the replays and get no such cost;
-+auto systems do so up to AUTO_GRAPH_TOKENS sequences and are priced as synced beyond.
+n = 64 (per-sequence slope), and the fixed cost of the plugin's layer step beyond the GEMM
+(directory update, fill fork and join) that `vllm-moe-offload plan` measured on the same card
+(--profile; its `layer_overhead_ms` less its router; measured eagerly, so an upper bound for
+the graph replays decode runs).
 
 Rows: every lat, thr and nN scenario of the offload runs. For a run with a concurrency sweep
 (nN scenarios) it also checks the planner's recommended --max-num-seqs: the n of highest
@@ -25,7 +23,6 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from vllm_moe_offload.config import AUTO_GRAPH_TOKENS
 from vllm_moe_offload.plan_cli import model_geometry
 from vllm_moe_offload.planner import recommend, solve
 from vllm_moe_offload.profiler import HardwareProfile
@@ -33,15 +30,15 @@ from vllm_moe_offload.profiler import HardwareProfile
 WITHIN_BEST = 0.9  # issue 4: the recommended n measures within 10% of the sweep's best
 
 
-def synced_profile(path: str | None) -> HardwareProfile | None:
+def card_profile(path: str | None) -> HardwareProfile | None:
     """The card's measured profile (a `plan --out` JSON or a bare HardwareProfile JSON)."""
     if not path:
         return None
     return HardwareProfile.from_json(Path(path).read_text())
 
 
-def synced_step_ms(card: HardwareProfile | None) -> float:
-    """What a host-synced layer step adds to stock's time: the profiled step less its router,
+def step_overhead_ms(card: HardwareProfile | None) -> float:
+    """What the plugin's layer step adds to stock's time: the profiled step less its router,
     which stock's non-MoE time holds already; 0 without a profile."""
     return card.layer_overhead_ms - card.router_ms if card else 0.0
 
@@ -55,43 +52,28 @@ def base_profile(kernels: dict, stock_rows: dict, layers: int) -> HardwareProfil
     return replace(profile, layer_overhead_ms=rest[1] - per_seq, attention_ms_per_seq=per_seq)
 
 
-def decode_mode(system: str, n: int) -> str:
-    """How a run's decode steps at n sequences ran: +zerocopy in graphs, +auto in graphs up to
-    AUTO_GRAPH_TOKENS tokens, the rest host-synced."""
-    if "zerocopy" in system or ("auto" in system and n <= AUTO_GRAPH_TOKENS):
-        return "zero-copy"
-    return "synced"
-
-
 def check_run(run: dict, base: HardwareProfile, geometry,
-              synced_card: HardwareProfile | None = None) -> dict:
+              card: HardwareProfile | None = None) -> dict:
     """Predicted against measured rows of one offload run, and its sweep's recommendation;
-    `synced_card` (the card's measured profile) prices the host-synced steps."""
+    `card` (the card's measured profile) prices the layer step beyond the GEMM."""
     rows = [r for r in run["rows"] if r["scenario"] in ("lat", "thr")
             or r["scenario"].startswith("n")]
     system = rows[0]["system"] if rows else "?"
-    graphs = replace(base, h2d_gbps=run["bw_h2d_gbs"])
-    sync_ms = synced_step_ms(synced_card)
-    profiles = {"zero-copy": graphs, "synced": graphs if not sync_ms else replace(
-        graphs, gemm_ms=synced_card.gemm_ms, layer_overhead_ms=base.layer_overhead_ms + sync_ms)}
-    modes = {r["n"]: decode_mode(system, r["n"]) for r in rows}
+    overhead = step_overhead_ms(card)
+    profile = replace(base, h2d_gbps=run["bw_h2d_gbs"],
+                      layer_overhead_ms=base.layer_overhead_ms + overhead)
 
     def predict(budget: float, n: int):
-        return solve(profiles[modes[n]], geometry, budget, n_values=(n,))[0]
+        return solve(profile, geometry, budget, n_values=(n,))[0]
 
     out = []
     for measured in rows:
         predicted = predict(measured["budget"], measured["n"])
         out.append(dict(system=system, scenario=measured["scenario"], budget=measured["budget"],
-                        n=measured["n"], mode=modes[measured["n"]],
-                        predicted_tok_s=round(predicted.tok_s, 1),
+                        n=measured["n"], predicted_tok_s=round(predicted.tok_s, 1),
                         measured_tok_s=measured["tok_s"],
                         error=round(predicted.tok_s / measured["tok_s"] - 1, 3)))
-    charged = sync_ms if "synced" in modes.values() else 0.0  # the sync, in some row
-    result = dict(system=system,
-                  mode="auto" if "auto" in system else decode_mode(system, n=1),
-                  h2d_gbps=graphs.h2d_gbps, sync_overhead_ms=charged,
-                  gemm="eager (--profile)" if charged else "graph replays (--kernels)",
+    result = dict(system=system, h2d_gbps=profile.h2d_gbps, step_overhead_ms=overhead,
                   rows=out)
     sweep = {r["n"]: r["measured_tok_s"] for r in out if r["scenario"].startswith("n")}
     if len(sweep) > 1:
@@ -111,22 +93,22 @@ def main() -> None:
     parser.add_argument("--offload", required=True, nargs="+")
     parser.add_argument("--profile", default=None,
                         help="`vllm-moe-offload plan --out` JSON of the same card: the "
-                             "host-synced layer step's fixed cost")
+                             "layer step's fixed cost beyond the GEMM")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     geometry = model_geometry("qwen3-30b-a3b-fp8")
     kernels = json.loads(Path(args.kernels).read_text())
     stock = {r["scenario"]: r for r in json.loads(Path(args.stock).read_text())["rows"]}
     base = base_profile(kernels, stock, geometry.num_moe_layers)
-    card = synced_profile(args.profile)
+    card = card_profile(args.profile)
     runs = [check_run(json.loads(Path(f).read_text()), base, geometry, card)
             for f in args.offload]
     report = dict(card=kernels["card"], profile=json.loads(base.to_json()), runs=runs)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"non-MoE {base.layer_overhead_ms:.3f} ms per layer + "
-          f"{base.attention_ms_per_seq * 1e3:.2f} us per sequence; synced step "
-          f"+{synced_step_ms(card):.3f} ms")
+          f"{base.attention_ms_per_seq * 1e3:.2f} us per sequence; layer step "
+          f"+{step_overhead_ms(card):.3f} ms")
     print(f"{'system':<20} {'scenario':<8} {'budget':>6} {'n':>4} {'predicted':>10} "
           f"{'measured':>9} {'error':>7}")
     for run in runs:

@@ -41,9 +41,8 @@ def measured_by_k(reports: list[tuple[str, dict]], concurrency: int) -> dict[int
     by_k: dict[int, list[dict]] = {}
     for path, report in reports:
         for row in report["rows"]:
-            if row["concurrency"] != concurrency or row["system"] in ("stock", "uva",
-                                                                      "offload+auto"):
-                continue  # k = 0 is the host-synced offload, like every eagle3 system
+            if row["concurrency"] != concurrency or row["system"] in ("stock", "uva"):
+                continue  # k = 0 is offload without speculation
             spec_tokens(row["system"], 1)  # refuses a system outside the sweep's
             by_k.setdefault(row["spec_tokens"] or 0, []).append(dict(row, report=path))
     return by_k

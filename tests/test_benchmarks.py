@@ -16,7 +16,7 @@ from vllm_moe_offload.planner import solve  # noqa: E402
 from vllm_moe_offload.profiler import HardwareProfile  # noqa: E402
 
 
-def test_systems_name_their_decode_path(tmp_path):
+def test_systems_name_their_budget(tmp_path):
     import json
 
     from bench_e2e import engine_kwargs
@@ -24,18 +24,16 @@ def test_systems_name_their_decode_path(tmp_path):
 
     from vllm_moe_offload.checkpoint import PRESETS, hf_config
     (tmp_path / "config.json").write_text(json.dumps(hf_config(PRESETS["qwen3-30b-a3b-fp8"])))
-
-    def decode(system):
-        return engine_kwargs(system, Path("m"), 28.0)["additional_config"]["expert_offload"][
-            "decode"]
-    assert [decode(s) for s in ("offload25", "offload25+zerocopy", "offload25+prefetch+auto")
-            ] == ["synced", "zero-copy", "auto"]
-    for bad in ("offload25+auto+zerocopy", "offload25+eager"):
+    offload = engine_kwargs("offload25", Path("m"), 28.0)["additional_config"]["expert_offload"]
+    assert offload == {"enabled": True, "cache_gb": 7.0}
+    assert engine_kwargs("uva50", Path("m"), 28.0)["cpu_offload_gb"] == pytest.approx(
+        29.0 * 0.5 * 0.93)
+    for bad in ("offload25+auto", "offload25+zerocopy", "offload", "uva"):
         with pytest.raises(SystemExit, match="unknown system"):
             engine_kwargs(bad, Path("m"), 28.0)
-    for system, mode in (("offload+auto", "auto"), ("offload", "synced")):
-        served = server_kwargs(system, tmp_path, None, 0.25, "dummy", False)
-        assert served["additional_config"]["expert_offload"]["decode"] == mode
+    served = server_kwargs("offload", tmp_path, None, 0.25, "dummy", False)
+    assert served["additional_config"]["expert_offload"]["enabled"] is True
+    assert served["load_format"] == "dummy"
 
 
 def test_scenarios_by_name_and_concurrency():
@@ -89,30 +87,23 @@ def sweep_run(system, tok_s_by_n, budget=0.25):
         for n, t in tok_s_by_n.items()]}
 
 
-def test_planner_check_charges_the_sync_to_synced_runs_only_and_checks_the_recommendation():
+def test_planner_check_charges_the_step_overhead_and_checks_the_recommendation():
     geometry = model_geometry("qwen3-30b-a3b-fp8")
     base = HardwareProfile("GPU", 0.0, {1: 0.03, 64: 0.2, 256: 0.3}, layer_overhead_ms=0.05)
-    def predict(overhead_ms, gemm_ms=base.gemm_ms):
-        profile = HardwareProfile("GPU", 50.0, gemm_ms, layer_overhead_ms=overhead_ms)
+    def predict(overhead_ms):
+        profile = HardwareProfile("GPU", 50.0, base.gemm_ms, layer_overhead_ms=overhead_ms)
         return {n: solve(profile, geometry, 0.25, n_values=(n,))[0].tok_s for n in (1, 8, 64)}
     predicted = predict(0.05)
-    # the card's eager profile: 1 ms per synced step, GEMMs 0.2 ms slower than graph replays
-    eager = {t: ms + 0.2 for t, ms in base.gemm_ms.items()}
-    card = HardwareProfile("GPU", 0.0, eager, layer_overhead_ms=1.0)
-    zero_copy = check_run(sweep_run("offload25+zerocopy", predicted), base, geometry, card)
-    assert zero_copy["mode"] == "zero-copy" and zero_copy["sync_overhead_ms"] == 0.0
-    assert [r["error"] for r in zero_copy["rows"]] == [0.0, 0.0, 0.0]
-    synced = check_run(sweep_run("offload25", predicted), base, geometry, card)
-    slower = predict(1.05, eager)  # 1.2 ms more per layer step
-    assert [r["predicted_tok_s"] for r in synced["rows"]] == [
+    exact = check_run(sweep_run("offload25", predicted), base, geometry)
+    assert exact["step_overhead_ms"] == 0.0
+    assert [r["error"] for r in exact["rows"]] == [0.0, 0.0, 0.0]
+    # the card's profile: 0.3 ms per layer step, of which 0.1 ms the router (in stock's time)
+    card = HardwareProfile("GPU", 0.0, {}, layer_overhead_ms=0.3, router_ms=0.1)
+    charged = check_run(sweep_run("offload25", predicted), base, geometry, card)
+    slower = predict(0.25)
+    assert [r["predicted_tok_s"] for r in charged["rows"]] == [
         round(slower[n], 1) for n in (1, 8, 64)]
-    assert slower[1] < predicted[1] / 2
-    # auto: the single sequence decodes in graphs, 8 and 64 sequences are host-synced
-    auto = check_run(sweep_run("offload25+auto", predicted), base, geometry, card)
-    assert auto["mode"] == "auto" and [r["mode"] for r in auto["rows"]] == [
-        "zero-copy", "synced", "synced"]
-    assert [r["predicted_tok_s"] for r in auto["rows"]] == [
-        round(predicted[1], 1), round(slower[8], 1), round(slower[64], 1)]
+    assert charged["step_overhead_ms"] == pytest.approx(0.2)
     # the planner picks n=64 (highest predicted); measured, n=8 is best and 64 is 20% behind
     measured = {1: 10.0, 8: 100.0, 64: 80.0}
     run = check_run(sweep_run("offload25", measured), base, geometry)
@@ -126,9 +117,8 @@ def test_sweep_systems_name_their_draft_length():
     from guidellm_sweep import spec_tokens
     assert spec_tokens("offload+eagle3", 3) == 3 and spec_tokens("offload+eagle3k5", 3) == 5
     assert spec_tokens("offload", 3) is None and spec_tokens("stock", 3) is None
-    assert spec_tokens("offload+auto", 3) is None
     for bad in ("offload+eagle3k0", "offload+eagle3k", "offload+eagle", "uva+eagle3k2",
-                "offload+zerocopy"):
+                "offload+zerocopy", "offload+auto"):
         with pytest.raises(SystemExit, match="unknown system"):
             spec_tokens(bad, 3)
 
@@ -270,15 +260,15 @@ def test_step_bench_counts_what_each_mode_does():
     g = bench.geometry
     assert bench.num_slots == 2 * g.top_k  # 25% of 2 x 16 experts, at least top-k a layer
     for tokens in (1, 4):
-        synced = bench.run("synced", tokens, steps=2, trace=None)
-        assert synced.host_syncs_per_layer == 1 and synced.misses_per_layer > 0
-        assert tokens * g.top_k >= synced.unique_per_layer >= g.top_k
-        zero_copy = bench.run("zero-copy", tokens, steps=2, trace=None)
-        assert zero_copy.host_syncs_per_layer == 0
-        # experts the prefill left in the slots are hits, the others read from host memory
-        assert 0 < zero_copy.misses_per_layer < zero_copy.unique_per_layer
-        for row in (synced, zero_copy):
+        device = bench.run("device", tokens, steps=2, trace=None)
+        staged = bench.run("staged", tokens, steps=2, trace=None)
+        for row in (device, staged):
+            assert tokens * g.top_k >= row.unique_per_layer >= g.top_k
+            assert 0 < row.misses_per_layer < row.unique_per_layer  # some hit, some miss
             assert row.copy_ms_per_layer == pytest.approx(
                 row.misses_per_layer * g.layout.record_bytes / (bench.h2d_gbps * 1e6), abs=1e-4)
             assert row.rest_ms_per_layer == pytest.approx(
                 row.layer_ms - row.copy_ms_per_layer, abs=1e-3)
+        # the same routing and the same rule: the two paths miss alike
+        assert device.misses_per_layer == staged.misses_per_layer
+        assert device.fills_per_layer == staged.fills_per_layer

@@ -1,67 +1,74 @@
-"""The layer step outside vLLM, on CPU: the graph step (no host sync; missing experts read
-from the host store) computes what the host-synced step computes, and counts the same
-lookups, hits and misses."""
+"""The layer steps outside vLLM, on the CPU: the device step (fills and reads in place) and the
+staged step (large steps) compute what the reference computes with every expert at hand, and
+leave the same cache behind; the resident step counts its hits."""
 
 import torch
 
 from vllm_moe_offload import step
 from vllm_moe_offload.cache import ExpertCache
-from vllm_moe_offload.kernels.reference import route
+from vllm_moe_offload.kernels.reference import grouped_experts, route
 from vllm_moe_offload.store import ExpertLayout, ExpertStore
 
 LAYOUT = ExpertLayout(hidden=64, inter=32, weight_dtype=torch.bfloat16)
 E, K = 8, 2
 
 
-def make_cache() -> ExpertCache:
+def make_cache(num_slots: int = 4) -> ExpertCache:
     store = ExpertStore(LAYOUT, num_layers=1, num_experts=E, pin=False)
     store.fill_random(seed=1)
-    cache = ExpertCache(store, num_slots=4, policy="lfu", device="cpu", graph_decode=True)
+    cache = ExpertCache(store, num_slots=num_slots, device="cpu")
     cache.preload()
     return cache
 
 
-def test_graph_step_equals_synced_step():
+def expected(cache, hidden, topk_w, topk_ids) -> torch.Tensor:
+    acc = torch.zeros(hidden.shape, dtype=torch.float32)
+    experts = sorted(set(topk_ids.reshape(-1).tolist()))
+    grouped_experts(hidden, topk_w, topk_ids, experts, experts, cache.store.views[0], None, acc)
+    return acc.to(hidden.dtype)
+
+
+def test_device_and_staged_steps_compute_the_reference_and_agree_on_the_cache():
     gen = torch.Generator().manual_seed(0)
-    synced, graph = make_cache(), make_cache()
-    counted = graph.routing
-    for t in (3, 1, 5, 2, 4):
+    device, staged = make_cache(), make_cache()
+    for t in (3, 1, 5, 2, 4, 1, 6):
         hidden = torch.randn(t, LAYOUT.hidden, generator=gen).bfloat16()
         topk_w, topk_ids = route(torch.randn(t, E, generator=gen), K, True)
-        out_synced, out_graph = torch.empty_like(hidden), torch.empty_like(hidden)
-        resident = set(graph.resident(0))  # what its last host-synced step published
-        lookups, misses = int(counted.device_lookups.sum()), int(counted.device_misses.sum())
-        step.synced_step(synced, 0, hidden, topk_w, topk_ids, out_synced)
-        step.graph_step(graph, 0, hidden, topk_w, topk_ids, out_graph)
-        torch.testing.assert_close(out_graph, out_synced, rtol=1e-2, atol=1e-2)
-        routed = set(topk_ids.flatten().tolist())
-        assert int(counted.device_lookups.sum()) - lookups == len(routed)
-        assert int(counted.device_misses.sum()) - misses == len(routed - resident)
-        # the graph step never fetches; the next host-synced step does, and publishes
-        step.synced_step(graph, 0, hidden, topk_w, topk_ids, out_graph)
-        torch.testing.assert_close(out_graph, out_synced, rtol=0, atol=0)
-    snap = graph.snapshot()
-    assert snap.host_syncs == 5 and snap.layer_steps == 10
-    assert snap.hits + snap.misses == 2 * int(counted.device_lookups.sum())
+        want = expected(device, hidden, topk_w, topk_ids)
+        for cache, layer_step in ((device, step.device_step), (staged, step.staged_step)):
+            out = torch.empty_like(hidden)
+            layer_step(cache, 0, hidden, topk_w, topk_ids, out)
+            torch.testing.assert_close(out, want, rtol=1e-2, atol=1e-2)
+        assert device.owners() == staged.owners()
+    a, b = device.snapshot(), staged.snapshot()
+    assert (a.hits, a.misses, a.fills, a.reads) == (b.hits, b.misses, b.fills, b.reads)
+    assert a.reads > 0 and a.fills > 0 and a.hits > 0
+    assert (a.staged_steps, b.staged_steps) == (0, 7)
 
 
-def test_decode_in_graphs_informs_the_next_eviction():
-    """Zero-copy decode steps bring no routing to the host; the counts the device kept are
-    folded into the policy at the layer's next host-synced step, so what decode used last is
-    evicted last (LRU here: without the fold the victim would be expert 1)."""
-    store = ExpertStore(LAYOUT, num_layers=1, num_experts=E, pin=False)
-    store.fill_random(seed=1)
-    cache = ExpertCache(store, num_slots=4, policy="lru", device="cpu", graph_decode=True)
-    cache.preload()
+def test_a_large_step_stages_its_reads_in_passes():
+    cache = make_cache(num_slots=2)  # 2 slots, 2 staging slots, 8 experts routed
+    hidden = torch.randn(8, LAYOUT.hidden).bfloat16()
+    topk_ids = torch.arange(8).view(4, 2).repeat(2, 1)  # every expert, twice
+    topk_w = torch.full(topk_ids.shape, 0.5)
+    out = torch.empty_like(hidden)
+    step.staged_step(cache, 0, hidden, topk_w, topk_ids, out)
+    torch.testing.assert_close(out, expected(cache, hidden, topk_w, topk_ids), rtol=1e-2,
+                               atol=1e-2)
+    snap = cache.snapshot()
+    assert (snap.hits, snap.reads, snap.fills) == (2, 6, 0)  # no slot was free of the step
+    assert snap.bytes_h2d == 6 * LAYOUT.record_bytes  # each read crossed once
 
-    def run(layer_step, ids):
-        ids = torch.tensor(ids, dtype=torch.int32)
-        hidden = torch.randn(ids.shape[0], LAYOUT.hidden).bfloat16()
-        weights = torch.full(ids.shape, 1.0 / K)
-        layer_step(cache, 0, hidden, weights, ids, torch.empty_like(hidden))
 
-    run(step.synced_step, [[0, 1], [2, 3]])  # loads 0, 1, 2, 3 (LRU order)
-    for _ in range(3):
-        run(step.graph_step, [[1, 0]])  # decode uses only 0 and 1
-    run(step.synced_step, [[4, 0]])  # 4 misses: the victim is the least recent of 2, 3
-    assert sorted(cache.resident(0)) == [0, 1, 3, 4]
+def test_a_resident_layer_counts_every_routed_expert_as_a_hit():
+    cache = make_cache(num_slots=E)
+    assert cache.resident_layers == [0]
+    hidden = torch.randn(3, LAYOUT.hidden).bfloat16()
+    topk_w, topk_ids = route(torch.randn(3, E), K, True)
+    out = torch.empty_like(hidden)
+    step.resident_step(cache, 0, hidden, topk_w, topk_ids, out)
+    torch.testing.assert_close(out, expected(cache, hidden, topk_w, topk_ids), rtol=1e-2,
+                               atol=1e-2)
+    snap = cache.snapshot()
+    assert snap.hits == len(set(topk_ids.reshape(-1).tolist())) and snap.misses == 0
+    assert snap.layer_steps == 1 and snap.bytes_h2d == 0

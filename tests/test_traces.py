@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from cache_sim import calibration, engine_trace, replay  # noqa: E402
+from cache_sim import QWEN_RECORD_BYTES, calibration, engine_trace, replay  # noqa: E402
 
 from vllm_moe_offload.traces import (  # noqa: E402
     RoutingModel,
@@ -45,6 +45,15 @@ def test_generator_hit_rates_within_3_points_of_the_real_trace(calib):
         for slots in (16, 32, 64):
             key = f"{policy}_{slots}"
             assert abs(ours[key] - real[key]) <= 0.03, (key, ours[key], real[key])
+
+
+def test_the_device_rule_is_within_a_point_of_lfu(calib):
+    """The cache's rule (integer LFU, run on the GPU) against the host LFU it replaced, on the
+    real trace and on the calibrated generator."""
+    for routing in ("real", "realistic-top6"):
+        for slots in (16, 32, 64):
+            device, lfu = calib[routing][f"device_{slots}"], calib[routing][f"lfu_{slots}"]
+            assert device >= lfu - 0.01, (routing, slots, device, lfu)
 
 
 def test_generator_statistics_close_to_the_real_trace(calib):
@@ -93,8 +102,10 @@ def test_table_is_periodic_and_the_engine_trace_walks_it():
     assert measure(trace, 128)["reuse_1"] > 0.25
 
 
-def test_replay_counts_a_known_trace():
+@pytest.mark.parametrize("policy", ["lru", "lfu", "device"])
+def test_replay_counts_a_known_trace(policy):
     # two layers, one request: ABAB at layer 0 with 1 slot misses every step after warm-up
     trace = np.array([[[[0]], [[5]]], [[[1]], [[5]]]] * 5)  # [10, 2, 1, 1]
-    row = replay(trace, "lru", 1)
+    row = replay(trace, policy, 1)
     assert row["hit_rate"] == pytest.approx(0.5)  # layer 0 always misses, layer 1 always hits
+    assert row["bytes_per_token"] == QWEN_RECORD_BYTES  # one miss per token: layer 0's

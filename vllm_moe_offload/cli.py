@@ -9,13 +9,7 @@ before it calls `EngineArgs.add_cli_args`, so the wrapped version is the one use
 
 import argparse
 
-from vllm_moe_offload.config import (
-    ADDITIONAL_CONFIG_KEY,
-    AUTO_GRAPH_TOKENS,
-    DECODE_MODES,
-    PREFETCH_MODES,
-)
-from vllm_moe_offload.policies import POLICIES
+from vllm_moe_offload.config import ADDITIONAL_CONFIG_KEY
 
 # (flag, OffloadConfig key, argparse kwargs)
 _FLAGS = [
@@ -29,22 +23,6 @@ _FLAGS = [
     ("--expert-cache-slots", "cache_slots",
      dict(type=int, default=None,
           help="Expert cache size in experts, summed over MoE layers (instead of -gb).")),
-    ("--expert-cache-policy", "policy",
-     dict(type=str, default=None, choices=list(POLICIES),
-          help="Eviction policy of each layer's share of the expert cache (default: lfu).")),
-    ("--expert-prefetch", "prefetch",
-     dict(type=str, default=None, choices=list(PREFETCH_MODES),
-          help="Load the next layer's likely experts early (default: off).")),
-    ("--expert-decode", "decode",
-     dict(type=str, default=None, choices=list(DECODE_MODES),
-          help=f"auto (default): decode batches of up to {AUTO_GRAPH_TOKENS} tokens (a "
-               "capture size you set moves this) run in CUDA graphs and read missing experts "
-               "from host memory, larger batches and prefill fetch them into the cache; it "
-               "fetches always without FULL decode graphs (CPU, --enforce-eager, -O0/-O1, "
-               "PIECEWISE or NONE graphs, pooling, KV transfer) and with speculative decoding. "
-               "synced: every layer step syncs on routing and fetches its missing experts. "
-               "zero-copy: every decode batch vLLM runs in CUDA graphs reads them from host "
-               "memory, prefill still fetches.")),
     ("--expert-pinned-limit-gb", "pinned_limit_gb",
      dict(type=float, default=None,
           help="Fail at start-up if the host expert store would need more than this, GiB.")),

@@ -1,12 +1,13 @@
-"""`OffloadSparseMoeBlock` and its custom ops: route -> fetch missing experts -> grouped GEMM.
+"""`OffloadSparseMoeBlock` and its custom ops: route -> update the cache -> grouped GEMM.
 
 The block owns no expert weights: they live in the shared `ExpertStore` (host) and
-`ExpertCache` (device slots). Its traced forward calls `torch.ops.vllm.moe_offload_experts`,
-which vLLM runs eagerly between CUDA-graph pieces (router included, as upstream's op does) and
-which syncs on routing there; captured in a FULL decode graph (zero-copy decode) it takes the
-sync-free graph step instead. A layer holding all its experts calls
-`torch.ops.vllm.moe_resident_experts`, which never syncs and is captured in the graphs. Both
-write into an output allocated in traced code, so graph replays see a stable address.
+`ExpertCache` (device slots). Its traced forward calls `torch.ops.vllm.moe_offload_experts`
+(router included, as upstream's fused-MoE op does). vLLM runs it inside its FULL CUDA graphs
+(decode) and eagerly between piecewise graph pieces (a splitting op: mixed and prefill
+batches); there a step of more than step.DEVICE_STEP_MAX_TOKENS tokens stages its misses (one
+host sync), every other step updates the cache on the device (no sync). A layer holding all
+its experts calls `torch.ops.vllm.moe_resident_experts`, captured in the graphs. Both write
+into an output allocated in traced code, so graph replays see a stable address.
 
 Dimensions: T tokens, K top-k, E experts, H hidden.
 """
@@ -16,7 +17,6 @@ import torch.nn as nn
 
 from vllm_moe_offload import compat, kernels, step
 from vllm_moe_offload.cache import ExpertCache
-from vllm_moe_offload.prefetch import CorrelationPrefetcher
 
 
 class OffloadExperts(nn.Module):
@@ -45,8 +45,7 @@ class OffloadExperts(nn.Module):
 class OffloadSparseMoeBlock(compat.UpstreamMoeBlock):
     """Drop-in for Qwen3MoeSparseMoeBlock (a subclass, so upstream isinstance checks hold)."""
 
-    def __init__(self, vllm_config, prefix: str, *, cache: ExpertCache, moe_index: int,
-                 prefetcher: CorrelationPrefetcher | None = None):
+    def __init__(self, vllm_config, prefix: str, *, cache: ExpertCache, moe_index: int):
         nn.Module.__init__(self)  # never builds FusedMoE: no expert weights on the device
         config = vllm_config.model_config.hf_text_config
         self.top_k = config.num_experts_per_tok
@@ -59,7 +58,6 @@ class OffloadSparseMoeBlock(compat.UpstreamMoeBlock):
         self.experts = OffloadExperts(cache, moe_index, f"{prefix}.experts")
         self.cache = cache
         self.moe_index = moe_index
-        self.prefetcher = prefetcher
         self.layer_name = prefix
         compat.register_forward_layer(vllm_config, prefix, self)
 
@@ -85,16 +83,17 @@ class OffloadSparseMoeBlock(compat.UpstreamMoeBlock):
 
     def run_resident(self, hidden: torch.Tensor, out: torch.Tensor) -> None:
         """The op body of a layer holding all its experts (captured in CUDA graphs)."""
-        step.graph_step(self.cache, self.moe_index, hidden, *self._route(hidden), out)
+        step.resident_step(self.cache, self.moe_index, hidden, *self._route(hidden), out)
 
     def run(self, hidden: torch.Tensor, out: torch.Tensor) -> None:
-        """The op body: eager, the host-synced step; while vLLM captures a FULL CUDA graph
-        (zero-copy decode), the graph step, which never syncs."""
+        """The op body: the device step (no host sync; also while vLLM captures a CUDA
+        graph), or for a large eager step the staged one."""
         routed = self._route(hidden)
-        if hidden.is_cuda and torch.cuda.is_current_stream_capturing():
-            step.graph_step(self.cache, self.moe_index, hidden, *routed, out)
+        capturing = hidden.is_cuda and torch.cuda.is_current_stream_capturing()
+        if capturing or hidden.shape[0] <= step.DEVICE_STEP_MAX_TOKENS:
+            step.device_step(self.cache, self.moe_index, hidden, *routed, out)
         else:
-            step.synced_step(self.cache, self.moe_index, hidden, *routed, out, self.prefetcher)
+            step.staged_step(self.cache, self.moe_index, hidden, *routed, out)
 
 
 def _op(hidden: torch.Tensor, out: torch.Tensor, layer_name: str) -> None:
@@ -110,8 +109,9 @@ def _op_fake(hidden: torch.Tensor, out: torch.Tensor, layer_name: str) -> None:
 
 
 def register_ops() -> None:
-    """Registers torch.ops.vllm.moe_offload_experts (a CUDA-graph splitting op: run eagerly it
-    syncs on routing) and torch.ops.vllm.moe_resident_experts (captured) once per process."""
+    """Registers torch.ops.vllm.moe_offload_experts (a CUDA-graph splitting op: run eagerly a
+    large step syncs once) and torch.ops.vllm.moe_resident_experts (captured) once per
+    process."""
     from vllm.utils.torch_utils import direct_register_custom_op
     for name, body in ((compat.OP_NAME, _op), (compat.RESIDENT_OP_NAME, _resident_op)):
         if not hasattr(torch.ops.vllm, name):

@@ -26,16 +26,18 @@ class PrometheusExporter:
 
     _COUNTERS = {  # OffloadStats field -> (metric name, help, scale)
         "hits": ("moe_offload_expert_hits", "Routed experts found in the GPU expert cache", 1),
-        "misses": ("moe_offload_expert_misses", "Routed experts fetched from host memory", 1),
+        "misses": ("moe_offload_expert_misses", "Routed experts not in the cache (filled or "
+                   "read without a slot)", 1),
+        "fills": ("moe_offload_expert_fills", "Missed experts copied into a cache slot", 1),
+        "reads": ("moe_offload_expert_reads", "Missed experts read without a slot (in place "
+                  "from host memory, or staged)", 1),
         "evictions": ("moe_offload_expert_evictions", "Experts evicted from the cache", 1),
         "bytes_h2d": ("moe_offload_h2d_bytes", "Host-to-device bytes moved for experts", 1),
         "layer_steps": ("moe_offload_layer_steps", "MoE layer forwards", 1),
+        "staged_steps": ("moe_offload_staged_steps", "Large layer steps that staged their "
+                         "misses (one host sync each)", 1),
         "stall_ms": ("moe_offload_fetch_stall_seconds",
-                     "Time the compute stream waited for expert copies", 1e-3),
-        "prefetches": ("moe_offload_prefetches", "Experts loaded ahead of their layer's step",
-                       1),
-        "prefetch_used": ("moe_offload_prefetch_used",
-                          "Prefetched experts that their layer's step then routed to", 1),
+                     "Time the compute stream waited for staged copies", 1e-3),
     }
 
     def __init__(self, cache):
@@ -48,7 +50,7 @@ class PrometheusExporter:
         self._routed = Counter("moe_offload_expert_routed",
                                "Routed (token, k) pairs per MoE layer and expert",
                                ["layer", "expert"])
-        self._routed_exported = np.zeros(cache.routing.routed.shape, dtype=np.int64)
+        self._routed_exported = np.zeros(cache.counters.routed.shape, dtype=np.int64)
         self._in_use = Gauge("moe_offload_slots_in_use", "Cache slots holding an expert",
                              multiprocess_mode="mostrecent")
         Gauge("moe_offload_cache_slots", "Slots in the GPU expert cache",
@@ -69,7 +71,7 @@ class PrometheusExporter:
             if value > self._exported[field]:
                 counter.inc((value - self._exported[field]) * self._COUNTERS[field][2])
                 self._exported[field] = value
-        routed = self.cache.routing.routed.numpy().copy()
+        routed = self.cache.counters.routed.numpy().copy()
         for layer, expert in zip(*(routed - self._routed_exported).nonzero(), strict=True):
             self._routed.labels(str(layer), str(expert)).inc(
                 int(routed[layer, expert] - self._routed_exported[layer, expert]))
@@ -123,14 +125,12 @@ class OffloadWorkerExtension:
         cache = getattr(self.get_model(), "expert_cache", None)
         if cache is None:
             return None
-        routing = cache.routing
-        graph_lookups, graph_misses, _ = routing.device_totals()
+        counters = cache.counters
         return {**cache.snapshot().as_dict(), "num_slots": cache.num_slots,
-                "slot_bytes": cache.slot_bytes, "slots_per_layer": list(cache.quotas),
-                "store_bytes": cache.store.nbytes,
-                "routed_per_layer_expert": routing.routed.tolist(),
-                "steps_per_layer": routing.steps.tolist(),
-                "graph_lookups": graph_lookups, "graph_misses": graph_misses,
+                "staging_slots": cache.staging, "slot_bytes": cache.slot_bytes,
+                "slots_per_layer": list(cache.quotas), "store_bytes": cache.store.nbytes,
+                "routed_per_layer_expert": counters.routed.tolist(),
+                "counters_per_layer": counters.counts.tolist(),
                 "slots_in_use": cache.slots_in_use}
 
     def expert_offload_routing_log(self) -> list | None:

@@ -12,12 +12,11 @@ from vllm_moe_offload import compat, envs
 from vllm_moe_offload.cache import ExpertCache
 from vllm_moe_offload.config import OffloadConfig
 from vllm_moe_offload.geometry import MoeGeometry
-from vllm_moe_offload.hooks import require_eager_mixed_batches
 from vllm_moe_offload.layer import OffloadSparseMoeBlock, register_ops
 from vllm_moe_offload.metrics import PrometheusExporter, StatsReporter, logger
 from vllm_moe_offload.planner import GIB, CachePlan, format_bytes, plan_cache
-from vllm_moe_offload.prefetch import CorrelationPrefetcher
 from vllm_moe_offload.realistic import LOAD_FORMAT as REALISTIC_LOAD_FORMAT
+from vllm_moe_offload.step import DEVICE_STEP_MAX_TOKENS
 from vllm_moe_offload.store import ExpertStore
 
 
@@ -65,30 +64,20 @@ class Qwen3MoeOffloadForCausalLM(compat.UpstreamQwen3Moe):
         geometry, plan = plan_for(vllm_config, offload)
         store = ExpertStore(geometry.layout, geometry.num_moe_layers, geometry.num_experts,
                             limit_bytes=pinned_limit_bytes(offload))
-        decode = offload.decode_path(vllm_config)
-        cache = ExpertCache(store, plan.num_slots, offload.policy,
-                            device=vllm_config.device_config.device,
-                            graph_decode=decode == "zero-copy",
+        cache = ExpertCache(store, plan.num_slots, device=vllm_config.device_config.device,
                             log_steps=envs.routing_log_steps())
-        fetches = len(cache.resident_layers) < store.num_layers  # else no step syncs
-        logger.info("expert offload: %s of experts in %s host memory; cache %s; decode %s",
+        staging = (f"; plus {cache.staging} staging slots "
+                   f"({format_bytes(cache.staging * cache.slot_bytes)}) for steps of over "
+                   f"{DEVICE_STEP_MAX_TOKENS} tokens" if cache.staging
+                   else "; it holds every expert: loaded once, never fetches")
+        logger.info("expert offload: %s of experts in %s host memory; cache %s%s",
                     format_bytes(store.nbytes), "pinned" if store.pin else "pageable",
-                    plan.describe(geometry), _describe_decode(offload, decode, vllm_config)
-                    if fetches else "never fetches")
-        prefetcher = (CorrelationPrefetcher(geometry.num_moe_layers, geometry.num_experts)
-                      if offload.prefetch == "correlation" else None)
-        with compat.swapped_moe_block(_bind_block(cache, geometry, prefetcher)):
+                    plan.describe(geometry), staging)
+        with compat.swapped_moe_block(_bind_block(cache, geometry)):
             super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
         self.expert_cache = cache
-        if fetches:
-            mode = vllm_config.compilation_config.cudagraph_mode
-            if (decode == "synced" and mode is not None
-                    and mode.has_full_cudagraphs()):  # the config hook prevents it
-                raise ValueError(f"expert offload: cudagraph_mode {mode.name} would capture "
-                                 "the host sync on routing; use PIECEWISE")
-            if decode == "zero-copy":  # vLLM may have made the mode FULL after the hook
-                require_eager_mixed_batches(vllm_config.compilation_config, offload.decode)
-            compat.add_splitting_op(vllm_config)
+        if cache.staging:
+            compat.add_splitting_op(vllm_config)  # piecewise: large steps stage, eagerly
         if _is_dummy_load(vllm_config):
             store.fill_random(seed=vllm_config.model_config.seed or 0)
             cache.preload()
@@ -104,18 +93,7 @@ class Qwen3MoeOffloadForCausalLM(compat.UpstreamQwen3Moe):
         return loaded
 
 
-def _describe_decode(offload: OffloadConfig, decode: str, vllm_config) -> str:
-    if offload.decode != "auto":
-        return decode
-    if decode == "synced":
-        return "auto -> synced"
-    return (f"auto: zero-copy in CUDA graphs up to "
-            f"{vllm_config.compilation_config.max_cudagraph_capture_size} tokens, fetch beyond "
-            "(-cc.max_cudagraph_capture_size moves the boundary)")
-
-
-def _bind_block(cache: ExpertCache, geometry: MoeGeometry,
-                prefetcher: CorrelationPrefetcher | None) -> type[OffloadSparseMoeBlock]:
+def _bind_block(cache: ExpertCache, geometry: MoeGeometry) -> type[OffloadSparseMoeBlock]:
     """A block class whose instances share `cache`; built with upstream's arguments."""
     from vllm.model_executor.models.utils import extract_layer_index
     moe_index = {layer: i for i, layer in enumerate(geometry.moe_layers)}
@@ -123,8 +101,7 @@ def _bind_block(cache: ExpertCache, geometry: MoeGeometry,
     class BoundOffloadSparseMoeBlock(OffloadSparseMoeBlock):
         def __init__(self, vllm_config, prefix: str = "", **_upstream_kwargs):
             super().__init__(vllm_config, prefix, cache=cache,
-                             moe_index=moe_index[extract_layer_index(prefix)],
-                             prefetcher=prefetcher)
+                             moe_index=moe_index[extract_layer_index(prefix)])
 
     return BoundOffloadSparseMoeBlock
 

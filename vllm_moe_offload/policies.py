@@ -7,8 +7,7 @@ before its directory moved to the device, kept for the simulator's comparison (t
 must stay within a point of LFU's hit rate on the real trace and the calibrated generator).
 
 A policy sees the layer's resident experts (`insert`, `remove`), every use of one (`touch`),
-the set each step routes to (`observe`), the summed use of steps it did not see one by one
-(`observe_counts`), and picks a `victim` outside a protected set.
+the set each step routes to (`observe`), and picks a `victim` outside a protected set.
 
 - `lru`: least recently used first.
 - `lfu`: least frequently used, with exponential decay per layer step so that old popularity
@@ -77,11 +76,6 @@ class LRUPolicy:
     def observe(self, experts: list[int]) -> None:
         """The experts one layer step routes to (before any insert or touch of that step)."""
 
-    def observe_counts(self, uses: np.ndarray, steps: int) -> None:
-        """uses [E]: in how many of `steps` unseen layer steps each expert was routed to.
-        Order within them is lost: the more used count as the more recent."""
-        for e in sorted((e for e in self._order if uses[e] > 0), key=lambda e: uses[e]):
-            self._order.move_to_end(e)
 
     def candidates(self, protected: set[int]) -> list[int]:
         """Evictable residents, least recently used first."""
@@ -107,11 +101,6 @@ class LFUPolicy(LRUPolicy):
         self._score *= self.decay
         self._score[experts] += 1.0
 
-    def observe_counts(self, uses: np.ndarray, steps: int) -> None:
-        super().observe_counts(uses, steps)
-        # as if the uses were spread evenly over the steps: each weighs their mean decay
-        weight = (1 - self.decay ** steps) / (steps * (1 - self.decay))
-        self._score = self._score * self.decay ** steps + uses * weight
 
     def _choose(self, candidates: list[int]) -> int:
         scores = self._score[candidates]

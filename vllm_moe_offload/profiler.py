@@ -3,11 +3,11 @@
 `profile_hardware` measures, in a few seconds, on the device it is given: host->device
 bandwidth for expert-sized pinned copies, the grouped expert GEMM time of one MoE layer step
 against the number of routed tokens (our kernel on CUDA, the torch reference elsewhere), the
-router's time, and the fixed overhead of a host-synced layer step (`step.synced_step` over a
-one-layer cache whose experts are all hits: the sync, the cache's bookkeeping and the
-launches, beyond the GEMM). Not measured: what the model around the layer adds (attention,
-and in vLLM the graph pieces that the per-layer sync forces); `benchmarks/planner_check.py`
-takes those from a stock run. Nothing is hard-coded: the expert shape comes from the model's
+router's time, and the fixed overhead of a layer step (`step.device_step` over a one-layer
+cache whose experts are all hits: the directory update, the fork and join of the fills and the
+launches, beyond the GEMM; inside a CUDA graph the launches cost less). Not measured: what the
+model around the layer adds (attention); `benchmarks/planner_check.py` takes that from a stock
+run. Nothing is hard-coded: the expert shape comes from the model's
 `MoeGeometry`.
 
 Example:
@@ -97,17 +97,16 @@ def profile_hardware(geometry: MoeGeometry, device: str,
     for t in token_counts:
         hidden = torch.randn(t, layout.hidden, device=device).to(torch.bfloat16)
         topk_w, topk_ids = kernels.route(torch.randn(t, e, device=device), k, True)
-        experts = torch.unique(topk_ids).tolist()
 
         out = torch.empty_like(hidden)
 
-        def step(hidden=hidden, topk_w=topk_w, topk_ids=topk_ids, experts=experts, out=out):
+        def step(hidden=hidden, topk_w=topk_w, topk_ids=topk_ids, out=out):
             run = kernels.begin(hidden, topk_w, topk_ids, weights, layout.block, e)
-            kernels.run_pass(run, weights, experts, experts, identity)
+            kernels.run_pass(run, weights, identity)
             kernels.finish(run, out)
         gemm_ms[t] = round(time_ms(step, device), 4)
-    router_ms, overhead_ms = measure_synced_step(geometry, device, gemm_ms[token_counts[0]],
-                                                 token_counts[0])
+    router_ms, overhead_ms = measure_step_overhead(geometry, device, gemm_ms[token_counts[0]],
+                                                   token_counts[0])
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     return HardwareProfile(device=name, h2d_gbps=round(measure_h2d_gbps(layout.record_bytes,
                                                                          device), 2),
@@ -115,13 +114,15 @@ def profile_hardware(geometry: MoeGeometry, device: str,
                            router_ms=round(router_ms, 4))
 
 
-def measure_synced_step(geometry: MoeGeometry, device: str, gemm_ms: float,
-                        tokens: int = 1) -> tuple[float, float]:
-    """(router ms, host-synced step overhead ms) at `tokens` tokens: the step over a one-layer
-    cache, routed to the same resident experts every time, minus the GEMM time `gemm_ms`."""
+def measure_step_overhead(geometry: MoeGeometry, device: str, gemm_ms: float,
+                          tokens: int = 1) -> tuple[float, float]:
+    """(router ms, layer step overhead ms) at `tokens` tokens: the device step over a
+    one-layer cache, routed to the same resident experts every time, minus the GEMM time
+    `gemm_ms`."""
     layout, e, k = geometry.layout, geometry.num_experts, geometry.top_k
     store = ExpertStore(layout, num_layers=1, num_experts=e)  # contents do not matter here
-    cache = ExpertCache(store, num_slots=max(2 * k, e // 4), policy="lfu", device=device)
+    cache = ExpertCache(store, num_slots=max(2 * k, e // 4), device=device)
+    cache.preload()
     hidden = torch.randn(tokens, layout.hidden, device=device).to(torch.bfloat16)
     gate = torch.randn(layout.hidden, e, device=device).to(torch.bfloat16) / layout.hidden
     out = torch.empty_like(hidden)
@@ -132,6 +133,6 @@ def measure_synced_step(geometry: MoeGeometry, device: str, gemm_ms: float,
 
     def layer_step():
         topk_w, _ = route()
-        step.synced_step(cache, 0, hidden, topk_w, fixed, out)
+        step.device_step(cache, 0, hidden, topk_w, fixed, out)
     router_ms = time_ms(route, device)
     return router_ms, max(0.0, time_ms(layer_step, device, repeats=20) - gemm_ms)

@@ -1,11 +1,21 @@
 """One MoE layer step over the expert cache, given the routing: what the custom ops of
 `layer.py` run, and what the profiler times without a model.
 
-`synced_step`: one host sync brings the routed expert set; the cache splits it into passes,
-the resident experts first, and each pass's kernels wait only for the copies issued up to its
-own, never for later ones (see transfer.py for the ordering). `graph_step`: no host sync, so
-it runs inside CUDA graphs: layers whose quota holds all their experts, and (zero-copy
-decode) the other layers' decode steps, which read missing experts from host memory.
+`device_step`, every step of up to DEVICE_STEP_MAX_TOKENS tokens (all decode, inside CUDA
+graphs or not): no host sync. The directory update (one kernel, cache.update) picks the hits,
+the fills and the misses left over; the fills are copied on the copy stream (a fork) while the
+hits' pass computes; after the join, the second pass computes the filled experts from their new
+slots and reads the rest in place from host memory.
+
+`staged_step`, larger steps (prefill chunks, which route to nearly every expert with many
+tokens each): the same update and fills, then one host sync on the second pass map to learn
+which misses have no slot; those are copied into the staging slots on the copy engine, a
+staging's worth per pass, so each crosses PCIe once, not once per block of tokens as a read in
+place would. Ordering: a pass's kernels wait for its copies (`wait_copied`, timed as stall);
+the next pass's copies wait for it (`copy_after`); earlier steps' work is complete once the
+host sync returns.
+
+`resident_step`: a layer holding all its experts, captured in CUDA graphs like stock vLLM's.
 """
 
 import numpy as np
@@ -13,57 +23,66 @@ import torch
 
 from vllm_moe_offload import kernels
 from vllm_moe_offload.cache import ExpertCache
-from vllm_moe_offload.prefetch import CorrelationPrefetcher
+from vllm_moe_offload.kernels.directory import HOST
+
+# Above this many tokens a step stages its reads: a read in place costs a PCIe transfer per
+# block of pairs (BLOCK_M rows), a staged one a single transfer, and from ~512 tokens (4,096
+# pairs: 32 per expert, BLOCK_M 32-64) an expert's pairs span more than one block. vLLM's
+# largest CUDA-graph batch is 512 tokens by default, so every graph runs device steps.
+DEVICE_STEP_MAX_TOKENS = 512
 
 
-def synced_step(cache: ExpertCache, layer: int, hidden: torch.Tensor,
-                topk_weights: torch.Tensor, topk_ids: torch.Tensor, out: torch.Tensor,
-                prefetcher: CorrelationPrefetcher | None = None) -> None:
-    """hidden, out [T, H]; topk_weights, topk_ids [T, K]. The grouping and activation
-    quantisation are queued before the sync, so the device works while the host waits."""
-    if topk_ids.numel() == 0:
-        return
+def device_step(cache: ExpertCache, layer: int, hidden: torch.Tensor,
+                topk_weights: torch.Tensor, topk_ids: torch.Tensor, out: torch.Tensor) -> None:
+    """hidden, out [T, H]; topk_weights, topk_ids [T, K]. No host sync: capturable."""
+    run = kernels.begin(hidden, topk_weights, topk_ids, cache.weights,
+                        cache.store.layout.block, cache.store.num_experts, zero_copy=True)
+    maps = cache.update(layer, topk_ids)
+    _hits_while_filling(cache, layer, run, maps.first)
+    kernels.run_pass(run, cache.weights, maps.second, cache.store.views[layer])
+    kernels.finish(run, out)
+
+
+def staged_step(cache: ExpertCache, layer: int, hidden: torch.Tensor,
+                topk_weights: torch.Tensor, topk_ids: torch.Tensor, out: torch.Tensor) -> None:
+    """As device_step, but the misses without a slot are staged, not read in place (one host
+    sync, on the update's second pass map)."""
     run = kernels.begin(hidden, topk_weights, topk_ids, cache.weights,
                         cache.store.layout.block, cache.store.num_experts)
-    ids_host = topk_ids.cpu().numpy()  # the host sync: which experts this step needs
-    stats, transfers = cache.stats, cache.transfers
-    stats.stall_ms += transfers.collect_stall_ms()  # earlier waits are complete now
-    cache.routing.add(layer, ids_host)
-    experts = np.unique(ids_host).tolist()
-    passes = cache.schedule(layer, experts)
-    fetched = [cache.fetch_pass(layer, passes[0])]
-    for i, group in enumerate(passes):
-        following = passes[i + 1] if i + 1 < len(passes) else None
-        if following and cache.fits_beside(layer, following, group):
-            # its copies start now, while this pass computes
-            fetched.append(cache.fetch_pass(layer, following, group))
-        slots, ready = fetched[i]
+    maps = cache.update(layer, topk_ids)
+    cache.second_map.start(maps.second)
+    _hits_while_filling(cache, layer, run, maps.first)
+    kernels.run_pass(run, cache.weights, maps.second)  # no host views: the fills only
+    reads = np.flatnonzero(cache.second_map.wait() == HOST).tolist()  # the host sync
+    transfers = cache.transfers
+    cache.stats.stall_ms += transfers.collect_stall_ms()  # earlier waits are complete now
+    cache.maps.new_step()
+    computed = None
+    for i in range(0, len(reads), cache.staging):
+        pass_map, ready = cache.stage(layer, reads[i:i + cache.staging], computed)
         transfers.wait_copied(ready)
-        kernels.run_pass(run, cache.weights, group, slots, cache.maps.upload(group, slots))
-        if following:
-            # later copies into these slots wait for this pass's kernels
-            cache.computed(slots, transfers.mark_computed())
-            if len(fetched) == i + 1:
-                fetched.append(cache.fetch_pass(layer, following))
+        kernels.run_pass(run, cache.weights, pass_map)
+        computed = transfers.mark_computed()  # the next pass's copies reuse these slots
     kernels.finish(run, out)
-    cache.publish_map(layer)  # for graph steps: the compute stream has waited for its copies
-    if prefetcher is not None:
-        prefetcher.prefetch_next(cache, layer, ids_host)
-    stats.layer_steps += 1
-    stats.passes += len(passes)
-    stats.host_syncs += 1
+    cache.stats.staged_steps += 1
 
 
-def graph_step(cache: ExpertCache, layer: int, hidden: torch.Tensor,
-               topk_weights: torch.Tensor, topk_ids: torch.Tensor, out: torch.Tensor) -> None:
-    """A layer step without host sync or copies, so it can run inside CUDA graphs: experts
-    with a slot (the layer's device map) are read from it, the others straight from the
-    pinned host store (zero-copy); routing, lookups and misses are counted on the device."""
+def resident_step(cache: ExpertCache, layer: int, hidden: torch.Tensor,
+                  topk_weights: torch.Tensor, topk_ids: torch.Tensor, out: torch.Tensor) -> None:
+    """A layer whose slots hold all its experts: one pass over its map, counted on the
+    device."""
     run = kernels.begin(hidden, topk_weights, topk_ids, cache.weights,
-                        cache.store.layout.block, cache.store.num_experts,
-                        zero_copy=not cache.is_resident(layer))
-    experts, slots, slot_map = cache.device_map(layer)
-    kernels.run_pass(run, cache.weights, experts, slots, slot_map, cache.store.views[layer])
+                        cache.store.layout.block, cache.store.num_experts)
+    kernels.run_pass(run, cache.weights, cache.layer_map(layer))
     kernels.finish(run, out)
-    kernels.count_routing(topk_ids, slot_map, cache.routing, layer)
+    cache.count_resident(layer, topk_ids)
 
+
+def _hits_while_filling(cache: ExpertCache, layer: int, run, first: torch.Tensor) -> None:
+    """The fills on the copy stream, beside the hits' pass on the compute stream."""
+    transfers = cache.transfers
+    transfers.fork()
+    with transfers.on_copy_stream():
+        cache.fill(layer)
+    kernels.run_pass(run, cache.weights, first)
+    transfers.join()

@@ -1,14 +1,14 @@
-"""Host->device traffic of the offload path: expert records on a dedicated copy stream, and
-the per-pass expert->slot maps the kernels read, with the events that order both against
-the compute stream.
+"""Host->device traffic of the offload path on a dedicated copy stream: the fill kernel of a
+device step (between `fork` and `join`, also inside CUDA graphs), the staged copies of a large
+step with the events that order them against the compute stream, the per-pass maps of staged
+passes, and small device->host reads.
 
-Ordering (CUDA). A pass's kernels wait on an event recorded after its experts' copies
-(`wait_copied`; the copy stream is in order, so the event also covers earlier copies such as
-prefetches), never on later copies: the resident experts' pass (hot-first) runs while the
-missing ones arrive. A copy into a slot that an earlier pass of the
-same step still reads first makes the copy stream wait for that pass (`copy_after`). Slots
-read in earlier steps need no event: each layer step begins with a host sync on its routing,
-after which the compute stream has finished everything queued before it.
+Ordering (CUDA). A fork makes the copy stream wait for all compute queued so far, so a fill
+never overwrites a slot an earlier step still reads; the join makes the compute stream wait for
+the fills before the pass that reads them. A staged pass's kernels wait on an event recorded
+after its copies (`wait_copied`); the next pass's copies into the same staging slots wait for
+that pass (`copy_after`); a staged step's first copies follow its host sync, when the compute
+stream has finished everything queued before it.
 
 Stall: for every wait the compute stream records a timing event where it reaches the wait;
 the time from there to the copy's completion (if positive) is stall. Both events are complete
@@ -16,6 +16,8 @@ by the next host sync, where `collect_stall_ms` reads them without another sync.
 
 On CPU every copy is synchronous and no event exists.
 """
+
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -77,6 +79,22 @@ class Transfers:
         self._waits.clear()
         return stall
 
+    def fork(self) -> None:
+        """The copy stream waits for the compute stream's work so far; what runs on it next
+        (`torch.cuda.stream(transfers.stream)`) overlaps the compute that follows, until
+        `join`. Both are recorded into a CUDA graph being captured, as a fork and a join."""
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream())
+
+    def on_copy_stream(self):
+        """A context in which work is queued on the copy stream (CPU: no-op)."""
+        return torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
+
+    def join(self) -> None:
+        """The compute stream waits for everything queued on the copy stream so far."""
+        if self.stream is not None:
+            torch.cuda.current_stream().wait_stream(self.stream)
+
     def synchronize(self) -> None:
         if self.stream is not None:
             self.stream.synchronize()
@@ -84,6 +102,26 @@ class Transfers:
     def synchronize_compute(self) -> None:
         if self.stream is not None:
             torch.cuda.current_stream().synchronize()
+
+
+class HostCopy:
+    """A small device tensor brought to the host without waiting for the whole stream: the
+    copy and an event are queued now, `wait` blocks only until they are done."""
+
+    def __init__(self, numel: int, device: torch.device | str):
+        self.is_cuda = torch.device(device).type == "cuda"
+        self.host = torch.empty(numel, dtype=torch.int32, pin_memory=self.is_cuda)
+        self.done = torch.cuda.Event() if self.is_cuda else None
+
+    def start(self, src: torch.Tensor) -> None:
+        self.host.copy_(src, non_blocking=self.is_cuda)
+        if self.done is not None:
+            self.done.record()
+
+    def wait(self) -> np.ndarray:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.host.numpy()
 
 
 class SlotMaps:

@@ -26,7 +26,7 @@ from vllm_moe_offload.traces import load_real_trace, measure  # noqa: E402
 pytestmark = [pytest.mark.e2e,
               pytest.mark.skipif(HAS_CUDA, reason="CPU test (the GPU runs the full size)")]
 REQUESTS, NEW_TOKENS, LAYERS = 4, 136, 24
-QUARTER = {"expert_offload": {"enabled": True, "cache_slots": LAYERS * 32, "decode": "synced"}}
+QUARTER = {"expert_offload": {"enabled": True, "cache_slots": LAYERS * 32}}
 
 
 @pytest.fixture(scope="module")

