@@ -63,19 +63,28 @@ def barrier_spec(text: str) -> tuple[Path, int]:
 def measure_alone(barrier: tuple[Path, int] | None, system: str, timeout_s: float = 420.0):
     """Engines that start side by side (to share the minutes of start-up) measure one at a
     time, and only once all have started: `barrier` is (DIR, N). Each engine marks itself
-    ready in DIR, waits for N marks (or `timeout_s`, when another failed to start), then holds
-    an exclusive lock on DIR while it measures, so neither PCIe nor the GPU is shared."""
+    ready in DIR, waits for N marks (an engine that failed to start marks itself failed:
+    `mark_failed`; `timeout_s` covers one killed outright), then holds an exclusive lock on
+    DIR while it measures, so neither PCIe nor the GPU is shared."""
     if not barrier:
         return contextlib.nullcontext()
     folder, count = barrier
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{system}.ready").touch()
     deadline = time.time() + timeout_s
-    while len(list(folder.glob("*.ready"))) < count and time.time() < deadline:
+    while (len(list(folder.glob("*.ready"))) + len(list(folder.glob("*.failed"))) < count
+           and time.time() < deadline):
         time.sleep(1)
     lock = open(folder / "measure.lock", "w")
     fcntl.flock(lock, fcntl.LOCK_EX)
     return lock
+
+
+def mark_failed(barrier: tuple[Path, int] | None, system: str) -> None:
+    """Tells the engines waiting at the barrier not to wait for this one."""
+    if barrier:
+        barrier[0].mkdir(parents=True, exist_ok=True)
+        (barrier[0] / f"{system}.failed").touch()
 
 
 def parse_system(system: str) -> tuple[str, float | None]:
@@ -89,14 +98,15 @@ def parse_system(system: str) -> tuple[str, float | None]:
 
 
 def engine_kwargs(system: str, model_dir: Path, expert_gib: float, engines: int = 1,
-                  routing: str = "realistic") -> dict:
+                  routing: str = "realistic", max_num_seqs: int = 256) -> dict:
     """engines: how many start side by side on the card. The KV cache has a fixed size, so
     gpu_memory_utilization only sets the free memory that vLLM checks for at start-up.
+    max_num_seqs: the most sequences a scenario runs (fewer CUDA-graph sizes to capture).
     routing: see the module's doc (`uniform` also needs UNIFORM_ENV, set by `use_routing`)."""
     kind, share = parse_system(system)
     load_format = REALISTIC_LOAD_FORMAT if routing == "realistic" else "dummy"
     kw = dict(model=str(model_dir), skip_tokenizer_init=True, load_format=load_format,
-              max_model_len=4096, kv_cache_memory_bytes=8 << 30, max_num_seqs=256, seed=0,
+              max_model_len=4096, kv_cache_memory_bytes=8 << 30, max_num_seqs=max_num_seqs, seed=0,
               disable_log_stats=False, gpu_memory_utilization=0.9 / engines)
     if kind == "uva":  # exactly as baseline_reference.py
         kw.update(cpu_offload_gb=29.0 * (1 - share) * 0.93, cpu_offload_params={"experts"})
@@ -172,13 +182,19 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     t0 = time.time()
     engines = args.barrier[1] if args.barrier else 1
-    kwargs = engine_kwargs(args.system, model_dir, expert_gib, engines, args.routing)
+    most = max(scenario_shape(s)[0] for s in args.scenarios.split(","))
+    kwargs = engine_kwargs(args.system, model_dir, expert_gib, engines, args.routing,
+                           max_num_seqs=max(most, args.routing_stats))
     if args.routing_stats:
         kwargs["enable_return_routed_experts"] = True
     if args.trace:
         kwargs["profiler_config"] = {"profiler": "torch", "torch_profiler_with_stack": False,
                                      "torch_profiler_dir": str(Path(args.trace).resolve())}
-    llm = LLM(**kwargs)
+    try:
+        llm = LLM(**kwargs)
+    except BaseException:
+        mark_failed(args.barrier, args.system)
+        raise
     load_s = time.time() - t0
     result = dict(card=torch.cuda.get_device_name() if cuda else "cpu",
                   date=time.strftime("%Y-%m-%d"), model=args.preset, routing=args.routing,

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine (device tool), after the kit is staged: the foundation's device checks.
-#   part 1: greedy equality of offload vs stock vLLM with piecewise CUDA graphs (GPU tests)
+#   part 1: greedy equality of offload vs stock vLLM with vLLM's CUDA graphs (GPU tests), the
+#           test files in parallel (pytest-xdist, on the GPU image), one engine each at a time
 #   part 2: `vllm serve` with the literal flag answers a chat request and logs counters
 # usage: scripts/device-foundation.sh {equality|serve}   (writes logs to $OUT)
 set -uo pipefail
@@ -12,7 +13,8 @@ out=${OUT:-/tmp/out}; mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 case "$1" in
 equality)
-  python3 -m pytest -q -rs -p no:cacheprovider tests/e2e/test_equality.py ${2:+-k "$2"} \
+  python3 -m pytest -q -rs -p no:cacheprovider -n 3 --dist loadfile \
+    tests/e2e/test_equality.py tests/e2e/test_spec.py ${2:+-k "$2"} \
     2>&1 | tee "$out/pytest-gpu.log" | tail -15
   for f in /tmp/pytest-of-root/pytest-*/test_*/run_llm-*.out.json; do
     [ -f "$f" ] && cp "$f" "$out/$(basename "$(dirname "$f")")-$(basename "$f")"

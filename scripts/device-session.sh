@@ -8,7 +8,8 @@
 #   stage   : nothing more                                              [call with kit part 1]
 #   bench   : tile-size tuning (kept in /root/tuned) + kernel benchmark
 #             vs vLLM fused_experts                                     [call with kit part 2]
-#   equality [K]: GPU e2e tests (greedy equality with CUDA graphs), pytest -k K
+#   equality [K]: GPU e2e tests (greedy equality with CUDA graphs, EAGLE-3 in graphs),
+#             pytest -k K (default: all but the eager oracle-draft sweep)
 #   fullsize: writes the full-size qwen3-30b-a3b-fp8 checkpoint to /root (once per lease) and
 #             runs its greedy-equality test (stock vs offload at 25%, engines side by side)
 #   e2e "SYSTEMS" SCENARIOS [ROUTING]: benchmarks/bench_e2e.py per system, ROUTING uniform,
@@ -19,12 +20,12 @@
 #             ROUTING_STATS=N: the stock/uva engines then route N requests with vLLM's
 #             routed-experts capture (bench_e2e.py --routing-stats)
 #   trace SYSTEM: bench_e2e.py SYSTEM lat --trace: one sequence's decode steps under vLLM's
-#             torch profiler, split by trace_summary.py (where a synced layer step's time goes)
-#   step [TOKENS]: benchmarks/bench_step.py, the plugin's layer steps (synced and zero-copy)
-#             with misses and no engine around them (8 layers, 25%), traced and split by
-#             trace_summary.py; vLLM staged only for its grouping kernel, no engine starts
+#             torch profiler, split by trace_summary.py (where a layer step's time goes)
+#   step [TOKENS]: benchmarks/bench_step.py, the plugin's layer steps (device, graph: captured
+#             in a CUDA graph, staged) with misses and no engine around them (8 layers, 25%),
+#             traced and split by trace_summary.py; vLLM staged only for its grouping kernel
 #   plan    : `vllm-moe-offload plan` on the card (its profile: h2d, GEMM against tokens, the
-#             host-synced layer step's fixed cost) -> plan.json, for planner_check.py
+#             layer step's fixed cost) -> plan.json, for planner_check.py
 #   walk    : the full-size --predictable target (realistic routers) and its oracle EAGLE-3
 #             draft (miss rate 0.3)
 #             in /root (once per lease), then greedy equality of offload25+EAGLE-3 against stock
@@ -91,7 +92,7 @@ bench)
   python3 benchmarks/bench_kernels.py --out "$out/kernels.json" 2>&1 | grep -v -i "warn\|INFO" | tail -10 ;;
 equality)
   with_vllm
-  timeout 540 env OUT="$out" bash scripts/device-foundation.sh equality "${2:-cuda_graphs or bf16}" | tail -4 ;;
+  timeout 480 env OUT="$out" bash scripts/device-foundation.sh equality "${2:-not oracle}" | tail -4 ;;
 fullsize)
   with_vllm
   model=/root/qwen3-30b-a3b-fp8

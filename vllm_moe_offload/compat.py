@@ -59,10 +59,10 @@ def register_forward_layer(vllm_config, name: str, layer: nn.Module) -> None:
 
 
 def add_splitting_op(vllm_config) -> None:
-    """Runs our op eagerly between piecewise CUDA-graph pieces: there it reads routing on the
-    host. Only a non-empty list is extended: an empty one means full-graph compilation (no
-    splitting at all); the config hook allows full graphs only where the op never syncs
-    inside them (every expert cached, or zero-copy decode graphs)."""
+    """Runs our op eagerly between piecewise CUDA-graph pieces (mixed and prefill batches):
+    there a large step stages its misses, with one host sync. Only a non-empty list is
+    extended: an empty one means full-graph compilation (no splitting at all), where every
+    step, as in FULL decode graphs, takes the sync-free device step."""
     ops = vllm_config.compilation_config.splitting_ops
     if ops and OP_QUALNAME not in ops:
         ops.append(OP_QUALNAME)

@@ -15,9 +15,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def triton_count(ids, routed, counts):
     """The Triton kernel itself (count_routing takes torch ops on CPU)."""
     flat = ids.reshape(-1)
-    usage._count_kernel[(routed.numel(),)](flat, flat.numel(), routed, counts,
-                                           HITS=usage._HITS, STEPS=usage._STEPS,
-                                           BLOCK=usage._BLOCK)
+    usage._count_kernel[(1,)](flat, flat.numel(), routed, counts, routed.numel(),
+                              E=32, HITS=usage._HITS, STEPS=usage._STEPS, BLOCK=usage._BLOCK)
 
 
 @pytest.mark.parametrize("count", [usage.count_routing, triton_count])

@@ -40,7 +40,7 @@ COUNTERS = ("hits", "misses", "fills", "reads", "evictions", "steps")
 _BLOCK_P = 64
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def _update_kernel(
     # the step's routing
     ids_ptr, num_pairs,

@@ -1,7 +1,8 @@
 """Routing counts of a resident layer's step (a layer holding all its experts, inside CUDA
-graphs: nothing brings its routing to the host): one program per expert adds its routed pairs
-and, if it was routed at all, one hit; program 0 adds the step. The counters are a layer's
-rows of `cache.DeviceCounters` in pinned host memory (the COUNTERS of kernels/directory.py)."""
+graphs: nothing brings its routing to the host): one program counts the step's pairs per
+expert (as kernels/directory.py does) and adds them, one hit per routed expert and the step to
+a layer's rows of `cache.DeviceCounters` in pinned host memory (plain read-modify-writes from
+one program: atomics on host memory over PCIe are not to be relied on)."""
 
 import torch
 import triton
@@ -9,24 +10,26 @@ import triton.language as tl
 
 from vllm_moe_offload.kernels.directory import COUNTERS
 
-_BLOCK = 1024
+_BLOCK = 64
 _HITS, _STEPS = COUNTERS.index("hits"), COUNTERS.index("steps")
 
 
-@triton.jit
-def _count_kernel(ids_ptr, num_pairs, routed_ptr, counts_ptr, HITS: tl.constexpr,
-                  STEPS: tl.constexpr, BLOCK: tl.constexpr):
-    expert = tl.program_id(0)
-    count = 0
+@triton.jit(do_not_specialize=["num_pairs"])
+def _count_kernel(ids_ptr, num_pairs, routed_ptr, counts_ptr, num_experts,
+                  E: tl.constexpr, HITS: tl.constexpr, STEPS: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    e = tl.arange(0, E)
+    valid = e < num_experts
+    count = tl.zeros([E], dtype=tl.int32)
     for start in range(0, num_pairs, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        ids = tl.load(ids_ptr + offs, mask=offs < num_pairs, other=-1)
-        count += tl.sum((ids == expert).to(tl.int32))
-    # one program per expert: plain read-modify-write, no atomics for the routed row
-    tl.store(routed_ptr + expert, tl.load(routed_ptr + expert) + count.to(tl.int64))
-    tl.atomic_add(counts_ptr + HITS, (count > 0).to(tl.int64))
-    if expert == 0:
-        tl.store(counts_ptr + STEPS, tl.load(counts_ptr + STEPS) + 1)
+        ids = tl.load(ids_ptr + offs, mask=offs < num_pairs, other=-1).to(tl.int32)
+        count += tl.sum((ids[:, None] == e[None, :]).to(tl.int32), axis=0)
+    old = tl.load(routed_ptr + e, mask=valid, other=0)
+    tl.store(routed_ptr + e, old + count.to(tl.int64), mask=valid)
+    hits = tl.sum((count > 0).to(tl.int32), axis=0)
+    tl.store(counts_ptr + HITS, tl.load(counts_ptr + HITS) + hits)
+    tl.store(counts_ptr + STEPS, tl.load(counts_ptr + STEPS) + 1)
 
 
 def count_routing(topk_ids: torch.Tensor, routed: torch.Tensor, counts: torch.Tensor) -> None:
@@ -39,5 +42,6 @@ def count_routing(topk_ids: torch.Tensor, routed: torch.Tensor, counts: torch.Te
         counts[_STEPS] += 1
         return
     ids = topk_ids.reshape(-1)
-    _count_kernel[(routed.numel(),)](ids, ids.numel(), routed, counts, HITS=_HITS,
-                                     STEPS=_STEPS, BLOCK=_BLOCK)
+    _count_kernel[(1,)](ids, ids.numel(), routed, counts, routed.numel(),
+                        E=triton.next_power_of_2(routed.numel()), HITS=_HITS, STEPS=_STEPS,
+                        BLOCK=_BLOCK, num_warps=8)
