@@ -103,3 +103,15 @@ def test_a_step_before_the_experts_are_loaded_is_refused():
     cache = ExpertCache(store, 4, device="cpu")
     with pytest.raises(RuntimeError, match="before the experts were loaded"):
         cache.update(0, torch.tensor([[1, 2]]))
+
+
+def test_host_side_buffers_stay_on_the_host_under_a_default_device():
+    """vLLM builds the model under `with torch.device("cuda")`: every host buffer of the cache
+    (pinned on CUDA) must say device="cpu" (seen on an H200: "Only dense CPU tensors can be
+    pinned"). A meta default device shows it here."""
+    store = ExpertStore(LAYOUT, 2, 8, pin=False)
+    with torch.device("meta"):
+        cache = ExpertCache(store, 8, device="cpu")
+    for t in (cache.counters.routed, cache.counters.counts, cache.second_map.host,
+              cache.maps._host):
+        assert t.device.type == "cpu", t

@@ -75,8 +75,10 @@ class DeviceCounters:
     graph capture)."""
 
     def __init__(self, num_layers: int, num_experts: int, pin: bool):
-        self.routed = torch.zeros(num_layers, num_experts, dtype=torch.int64, pin_memory=pin)
-        self.counts = torch.zeros(num_layers, len(COUNTERS), dtype=torch.int64, pin_memory=pin)
+        # explicitly on the host: vLLM builds the model under a CUDA default device
+        host = dict(dtype=torch.int64, device="cpu", pin_memory=pin)
+        self.routed = torch.zeros(num_layers, num_experts, **host)
+        self.counts = torch.zeros(num_layers, len(COUNTERS), **host)
 
     def totals(self) -> dict[str, int]:
         return dict(zip(COUNTERS, self.counts.numpy().sum(axis=0).tolist(), strict=True))
@@ -127,7 +129,7 @@ class ExpertCache:
         for t in (d.score, d.last, d.clock):
             t.zero_()
         for layer, (start, quota) in enumerate(zip(self.starts, self.quotas, strict=True)):
-            slots = torch.arange(start, start + quota, dtype=torch.int32)
+            slots = torch.arange(start, start + quota, dtype=torch.int32, device="cpu")
             self.transfers.copy(self.pool[start:start + quota], self.store.records[layer][:quota])
             d.slot[layer, :quota] = slots.to(d.slot.device)
             if self.is_resident(layer):

@@ -110,7 +110,7 @@ class HostCopy:
 
     def __init__(self, numel: int, device: torch.device | str):
         self.is_cuda = torch.device(device).type == "cuda"
-        self.host = torch.empty(numel, dtype=torch.int32, pin_memory=self.is_cuda)
+        self.host = torch.empty(numel, dtype=torch.int32, device="cpu", pin_memory=self.is_cuda)
         self.done = torch.cuda.Event() if self.is_cuda else None
 
     def start(self, src: torch.Tensor) -> None:
