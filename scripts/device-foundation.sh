@@ -13,7 +13,7 @@ out=${OUT:-/tmp/out}; mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 case "$1" in
 equality)
-  python3 -m pytest -q -rs -p no:cacheprovider -n 3 --dist loadfile \
+  python3 -m pytest -q -rs -p no:cacheprovider -n 3 --dist load \
     tests/e2e/test_equality.py tests/e2e/test_spec.py ${2:+-k "$2"} \
     2>&1 | tee "$out/pytest-gpu.log" | tail -15
   for f in /tmp/pytest-of-root/pytest-*/test_*/run_llm-*.out.json; do

@@ -92,7 +92,7 @@ bench)
   python3 benchmarks/bench_kernels.py --out "$out/kernels.json" 2>&1 | grep -v -i "warn\|INFO" | tail -10 ;;
 equality)
   with_vllm
-  timeout 480 env OUT="$out" bash scripts/device-foundation.sh equality "${2:-not oracle}" | tail -4 ;;
+  timeout 480 env OUT="$out" bash scripts/device-foundation.sh equality "${2:-not oracle and not inert}" | tail -4 ;;
 fullsize)
   with_vllm
   model=/root/qwen3-30b-a3b-fp8
