@@ -190,10 +190,11 @@ def main() -> None:
     if args.trace:
         kwargs["profiler_config"] = {"profiler": "torch", "torch_profiler_with_stack": False,
                                      "torch_profiler_dir": str(Path(args.trace).resolve())}
+    tag = f"{args.system}-{args.routing}"  # one mark per engine at the barrier
     try:
         llm = LLM(**kwargs)
     except BaseException:
-        mark_failed(args.barrier, args.system)
+        mark_failed(args.barrier, tag)
         raise
     load_s = time.time() - t0
     result = dict(card=torch.cuda.get_device_name() if cuda else "cpu",
@@ -210,7 +211,7 @@ def main() -> None:
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=2))
 
-    with measure_alone(args.barrier, args.system):
+    with measure_alone(args.barrier, tag):
         bw = measure_h2d_gbps(geometry.layout.record_bytes, "cuda") * 1e9 if cuda else 0.0
         result["bw_h2d_gbs"] = round(bw / 1e9, 1)
         rows = run_scenarios(llm, args, config, geometry, load_s, save)
