@@ -73,7 +73,6 @@ def test_tiny_bf16_cuda_graphs_at_several_batch_sizes(models, tmp_path):
     # and mixed batches between them; the eight at once (above): batches of 8.
     stock = stock_run(models, "tiny", tmp_path, True)
     offload = offload_run(models, "tiny", tmp_path, True, max_num_seqs=3)
-    assert offload["stats"]["staged_steps"] == 0
     assert_greedy_close(stock, offload)
 
 
