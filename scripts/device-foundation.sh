@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On the GPU machine (device tool), after the kit is staged: the foundation's device checks.
-#   part 1: greedy equality of offload vs stock vLLM with vLLM's CUDA graphs (GPU tests), the
-#           test files in parallel (pytest-xdist, on the GPU image), one engine each at a time
+#   part 1: greedy equality of offload vs stock vLLM with vLLM's CUDA graphs (GPU tests), one
+#           engine at a time: engines started side by side broke vLLM's start-up memory
+#           profiling on the H200 ("Error in memory profiling": another engine freed memory)
 #   part 2: `vllm serve` with the literal flag answers a chat request and logs counters
 # usage: scripts/device-foundation.sh {equality|serve}   (writes logs to $OUT)
 set -uo pipefail
@@ -13,7 +14,7 @@ out=${OUT:-/tmp/out}; mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 case "$1" in
 equality)
-  python3 -m pytest -q -rs -p no:cacheprovider -n 3 --dist load \
+  python3 -m pytest -q -rs -p no:cacheprovider \
     tests/e2e/test_equality.py tests/e2e/test_spec.py ${2:+-k "$2"} \
     2>&1 | tee "$out/pytest-gpu.log" | tail -15
   for f in /tmp/pytest-of-root/pytest-*/test_*/run_llm-*.out.json; do
