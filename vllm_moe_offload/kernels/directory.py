@@ -40,6 +40,18 @@ COUNTERS = ("hits", "misses", "fills", "reads", "evictions", "steps")
 _BLOCK_P = 64
 
 
+@triton.jit
+def count_pairs(ids_ptr, num_pairs, E: tl.constexpr, BLOCK_P: tl.constexpr):
+    """[E] int32: the step's (token, k) pairs per expert, from its num_pairs expert ids."""
+    e = tl.arange(0, E)
+    count = tl.zeros([E], dtype=tl.int32)
+    for start in range(0, num_pairs, BLOCK_P):
+        p = start + tl.arange(0, BLOCK_P)
+        ids = tl.load(ids_ptr + p, mask=p < num_pairs, other=-1).to(tl.int32)
+        count += tl.sum((ids[:, None] == e[None, :]).to(tl.int32), axis=0)
+    return count
+
+
 @triton.jit(do_not_specialize=["num_pairs"])
 def _update_kernel(
     # the step's routing
@@ -56,11 +68,7 @@ def _update_kernel(
 ):
     e = tl.arange(0, E)
     valid = e < num_experts
-    count = tl.zeros([E], dtype=tl.int32)
-    for start in range(0, num_pairs, BLOCK_P):
-        p = start + tl.arange(0, BLOCK_P)
-        ids = tl.load(ids_ptr + p, mask=p < num_pairs, other=-1).to(tl.int32)
-        count += tl.sum((ids[:, None] == e[None, :]).to(tl.int32), axis=0)
+    count = count_pairs(ids_ptr, num_pairs, E, BLOCK_P)
     routed = count > 0
     slot = tl.load(slot_ptr + e, mask=valid, other=-1)
     score = tl.load(score_ptr + e, mask=valid, other=0)

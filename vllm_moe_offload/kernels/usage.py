@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_moe_offload.kernels.directory import COUNTERS
+from vllm_moe_offload.kernels.directory import COUNTERS, count_pairs
 
 _BLOCK = 64
 _HITS, _STEPS = COUNTERS.index("hits"), COUNTERS.index("steps")
@@ -20,11 +20,7 @@ def _count_kernel(ids_ptr, num_pairs, routed_ptr, counts_ptr, num_experts,
                   BLOCK: tl.constexpr):
     e = tl.arange(0, E)
     valid = e < num_experts
-    count = tl.zeros([E], dtype=tl.int32)
-    for start in range(0, num_pairs, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        ids = tl.load(ids_ptr + offs, mask=offs < num_pairs, other=-1).to(tl.int32)
-        count += tl.sum((ids[:, None] == e[None, :]).to(tl.int32), axis=0)
+    count = count_pairs(ids_ptr, num_pairs, E, BLOCK)
     old = tl.load(routed_ptr + e, mask=valid, other=0)
     tl.store(routed_ptr + e, old + count.to(tl.int64), mask=valid)
     hits = tl.sum((count > 0).to(tl.int32), axis=0)
