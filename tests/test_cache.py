@@ -115,3 +115,36 @@ def test_host_side_buffers_stay_on_the_host_under_a_default_device():
     for t in (cache.counters.routed, cache.counters.counts, cache.second_map.host,
               cache.maps._host):
         assert t.device.type == "cpu", t
+
+
+def test_tensor_parallel_ranks_decide_alike_and_a_divergence_stops_the_engine():
+    """Each rank caches its shard of the experts; on the same routing their directories are
+    the same (the rule is a function of the routing), and a rank that decided otherwise is
+    caught at the next eager (staged) step."""
+    half = ExpertLayout(hidden=32, inter=8, weight_dtype=torch.bfloat16)
+    ranks = []
+    for rank in (0, 1):
+        store = ExpertStore(half, 2, 8, pin=False, rank=rank, tp_size=2)
+        store.fill_random(seed=rank)  # other shards, other bytes
+        cache = ExpertCache(store, 8, device="cpu")
+        cache.preload()
+        ranks.append(cache)
+    gen = torch.Generator().manual_seed(0)
+    for i in range(30):
+        ids = torch.stack([torch.randperm(8, generator=gen)[:2] for _ in range(1 + i % 4)])
+        for cache in ranks:
+            step(cache, i % 2, ids.tolist())
+    assert torch.equal(ranks[0].directory.slot, ranks[1].directory.slot)
+    seen = []
+
+    def agree(t):  # stands in for the min/max all-reduce over the two ranks
+        seen.append(t.clone())
+        return torch.equal(seen[0], t) if len(seen) == 2 else True
+    for cache in ranks:
+        cache.check_ranks_agree = agree
+        cache.verify_ranks()
+    ranks[1].directory.slot[0, 0] += 100  # rank 1 placed an expert elsewhere
+    seen.clear()
+    ranks[0].verify_ranks()
+    with pytest.raises(RuntimeError, match="ranks' expert caches disagree"):
+        ranks[1].verify_ranks()

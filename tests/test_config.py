@@ -98,3 +98,20 @@ def test_unsupported_models():
     g.quantization_config = {"quant_method": "awq"}
     with pytest.raises(ValueError, match="unsupported quantization 'awq'"):
         MoeGeometry.from_hf_config(g, torch.bfloat16, "awq")
+
+
+def test_expert_data_and_pipeline_parallelism_are_refused_tensor_parallelism_is_not():
+    from vllm_moe_offload.hooks import refuse_unsupported_parallelism
+
+    def parallel(**kw):
+        base = dict(enable_expert_parallel=False, data_parallel_size=1,
+                    pipeline_parallel_size=1, tensor_parallel_size=2)
+        return types.SimpleNamespace(**{**base, **kw})
+    refuse_unsupported_parallelism(parallel())
+    for kw, name in ((dict(enable_expert_parallel=True), "--enable-expert-parallel"),
+                     (dict(data_parallel_size=2), "--data-parallel-size > 1"),
+                     (dict(pipeline_parallel_size=2), "--pipeline-parallel-size > 1")):
+        with pytest.raises(ValueError, match=f"{name} is not supported with "
+                                             "--enable-expert-offload; use "
+                                             "--tensor-parallel-size"):
+            refuse_unsupported_parallelism(parallel(**kw))

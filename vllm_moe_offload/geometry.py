@@ -20,6 +20,7 @@ class MoeGeometry:
     num_experts: int
     top_k: int
     renormalize: bool
+    tp_size: int = 1  # tensor parallelism: each rank holds 1/tp of every expert's intermediate
 
     @property
     def num_moe_layers(self) -> int:
@@ -30,7 +31,10 @@ class MoeGeometry:
         return self.num_moe_layers * self.num_experts
 
     @classmethod
-    def from_hf_config(cls, config, dtype: torch.dtype, quantization: str | None) -> "MoeGeometry":
+    def from_hf_config(cls, config, dtype: torch.dtype, quantization: str | None,
+                       tp_size: int = 1) -> "MoeGeometry":
+        """tp_size: this rank's layout holds 1/tp_size of each expert's intermediate
+        dimension (w13's rows, w2's columns, their FP8 scale blocks with them)."""
         if getattr(config, "num_experts", 0) <= 0:
             raise ValueError("expert offload: the model has no routed experts (num_experts=0); "
                              "serve it without --enable-expert-offload")
@@ -39,13 +43,21 @@ class MoeGeometry:
                              "serve it without --enable-expert-offload")
         block = _fp8_block(config, quantization)
         weight_dtype = torch.float8_e4m3fn if block else dtype
-        layout = ExpertLayout(config.hidden_size, config.moe_intermediate_size, weight_dtype, block)
+        inter = config.moe_intermediate_size
+        shard_unit = block[0] if block else 1  # an FP8 scale block belongs to one rank
+        if inter % (tp_size * shard_unit):
+            raise ValueError(
+                f"expert offload: moe_intermediate_size={inter} does not split into "
+                f"--tensor-parallel-size {tp_size} shards"
+                + (f" of whole {shard_unit}-row FP8 blocks" if block else "")
+                + "; use a tensor-parallel size that divides it")
+        layout = ExpertLayout(config.hidden_size, inter // tp_size, weight_dtype, block)
         sparse_step = getattr(config, "decoder_sparse_step", 1)
         dense = set(getattr(config, "mlp_only_layers", None) or [])
         moe_layers = tuple(i for i in range(config.num_hidden_layers)
                            if i not in dense and (i + 1) % sparse_step == 0)
         return cls(layout, moe_layers, config.num_experts, config.num_experts_per_tok,
-                   bool(getattr(config, "norm_topk_prob", True)))
+                   bool(getattr(config, "norm_topk_prob", True)), tp_size)
 
 
 def _fp8_block(config, quantization: str | None) -> tuple[int, int] | None:

@@ -23,8 +23,22 @@ def verify_offload_model(vllm_config) -> None:
     check_host_memory(geometry.total_experts * geometry.layout.record_bytes,
                       pinned_limit_bytes(offload))
     parallel = vllm_config.parallel_config
+    refuse_unsupported_parallelism(parallel)
     if not parallel.worker_extension_cls:
         parallel.worker_extension_cls = STATS_EXTENSION
+
+
+def refuse_unsupported_parallelism(parallel) -> None:
+    """Tensor parallelism shards every expert across the ranks (supported); expert, data and
+    pipeline parallelism would need the cache split otherwise: refused before start-up."""
+    refused = {"--enable-expert-parallel": getattr(parallel, "enable_expert_parallel", False),
+               "--data-parallel-size > 1": getattr(parallel, "data_parallel_size", 1) > 1,
+               "--pipeline-parallel-size > 1": getattr(parallel, "pipeline_parallel_size", 1) > 1}
+    given = [name for name, on in refused.items() if on]
+    if given:
+        raise ValueError(f"expert offload: {', '.join(given)} is not supported with "
+                         "--enable-expert-offload; use --tensor-parallel-size to spread the "
+                         "experts over several GPUs")
 
 
 def reject_offload(vllm_config) -> None:

@@ -59,6 +59,9 @@ class OffloadSparseMoeBlock(compat.UpstreamMoeBlock):
         self.cache = cache
         self.moe_index = moe_index
         self.layer_name = prefix
+        # tensor parallelism: each rank computes its shard of every expert; the sum is the
+        # output, as upstream's FusedMoE reduces it
+        self.tp_size = vllm_config.parallel_config.tensor_parallel_size
         compat.register_forward_layer(vllm_config, prefix, self)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -69,6 +72,8 @@ class OffloadSparseMoeBlock(compat.UpstreamMoeBlock):
             torch.ops.vllm.moe_resident_experts(hidden, out, self.layer_name)
         else:
             torch.ops.vllm.moe_offload_experts(hidden, out, self.layer_name)
+        if self.tp_size > 1:
+            out = compat.tensor_parallel_all_reduce(out)
         return out.squeeze(0) if is_1d else out
 
     def _route(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

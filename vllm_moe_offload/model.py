@@ -21,9 +21,11 @@ from vllm_moe_offload.store import ExpertStore
 
 
 def geometry_of(vllm_config) -> MoeGeometry:
+    """This rank's geometry: with tensor parallelism each rank holds a shard of every expert."""
     model_config = vllm_config.model_config
     return MoeGeometry.from_hf_config(model_config.hf_text_config, model_config.dtype,
-                                      model_config.quantization)
+                                      model_config.quantization,
+                                      vllm_config.parallel_config.tensor_parallel_size)
 
 
 def device_budget_bytes(vllm_config) -> int | None:
@@ -62,10 +64,14 @@ class Qwen3MoeOffloadForCausalLM(compat.UpstreamQwen3Moe):
             return
         register_ops()
         geometry, plan = plan_for(vllm_config, offload)
+        rank = compat.tensor_parallel_rank() if geometry.tp_size > 1 else 0
         store = ExpertStore(geometry.layout, geometry.num_moe_layers, geometry.num_experts,
-                            limit_bytes=pinned_limit_bytes(offload))
+                            limit_bytes=pinned_limit_bytes(offload), rank=rank,
+                            tp_size=geometry.tp_size)
         cache = ExpertCache(store, plan.num_slots, device=vllm_config.device_config.device,
                             log_steps=envs.routing_log_steps())
+        if geometry.tp_size > 1:  # every rank must take the same decisions: checked
+            cache.check_ranks_agree = compat.ranks_agree
         staging = (f"; plus {cache.staging} staging slots "
                    f"({format_bytes(cache.staging * cache.slot_bytes)}) for steps of over "
                    f"{DEVICE_STEP_MAX_TOKENS} tokens" if cache.staging

@@ -65,6 +65,7 @@ def staged_step(cache: ExpertCache, layer: int, hidden: torch.Tensor,
         computed = transfers.mark_computed()  # the next pass's copies reuse these slots
     kernels.finish(run, out)
     cache.stats.staged_steps += 1
+    cache.verify_ranks()
 
 
 def resident_step(cache: ExpertCache, layer: int, hidden: torch.Tensor,

@@ -97,12 +97,26 @@ class ExpertLayout:
         return [f"{p}.{k}" for p in _PROJ_FIELDS for k in self.parts_per_proj]
 
 
+def shard(part: str, tensor: torch.Tensor, rank: int, tp_size: int) -> torch.Tensor:
+    """Tensor parallelism: rank `rank`'s share of checkpoint tensor `part` of one expert, by
+    the intermediate dimension: rows of gate/up ([I, H], scales [I/bn, H/bk]), columns of down
+    ([H, I], scales [H/bn, I/bk]), as vLLM's FusedMoE shards w13 and w2."""
+    if tp_size == 1:
+        return tensor
+    dim = 1 if part.startswith("down_proj") else 0
+    size = tensor.shape[dim] // tp_size
+    return tensor.narrow(dim, rank * size, size)
+
+
 class ExpertStore:
-    """All experts of all MoE layers in (pinned, with CUDA) host memory."""
+    """All experts of all MoE layers in (pinned, with CUDA) host memory; with tensor
+    parallelism, this rank's shard of each (`shard`)."""
 
     def __init__(self, layout: ExpertLayout, num_layers: int, num_experts: int,
-                 pin: bool | None = None, limit_bytes: int | None = None):
+                 pin: bool | None = None, limit_bytes: int | None = None,
+                 rank: int = 0, tp_size: int = 1):
         self.layout = layout
+        self.rank, self.tp_size = rank, tp_size
         self.num_layers = num_layers
         self.num_experts = num_experts
         self.pin = torch.cuda.is_available() if pin is None else pin
@@ -138,7 +152,10 @@ class ExpertStore:
         return self.records[layer][expert]
 
     def load(self, layer: int, expert: int, part: str, tensor: torch.Tensor) -> None:
+        """Loads checkpoint tensor `part` of an expert (the whole tensor: this rank's shard of
+        it is taken here)."""
         target = self.layout.part_target(part, self.views[layer], expert)
+        tensor = shard(part, tensor, self.rank, self.tp_size)
         if tuple(tensor.shape) != tuple(target.shape):
             raise ValueError(f"expert offload: {part} of expert {expert} has shape "
                              f"{tuple(tensor.shape)}, expected {tuple(target.shape)}")
