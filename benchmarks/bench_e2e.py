@@ -98,21 +98,24 @@ def parse_system(system: str) -> tuple[str, float | None]:
 
 
 def engine_kwargs(system: str, model_dir: Path, expert_gib: float, engines: int = 1,
-                  routing: str = "realistic", max_num_seqs: int = 256) -> dict:
+                  routing: str = "realistic", max_num_seqs: int = 256, tp: int = 1) -> dict:
     """engines: how many start side by side on the card. The KV cache has a fixed size, so
     gpu_memory_utilization only sets the free memory that vLLM checks for at start-up.
     max_num_seqs: the most sequences a scenario runs (fewer CUDA-graph sizes to capture).
+    tp: tensor-parallel GPUs; the budget is per card (each holds 1/tp of every expert).
     routing: see the module's doc (`uniform` also needs UNIFORM_ENV, set by `use_routing`)."""
     kind, share = parse_system(system)
     load_format = REALISTIC_LOAD_FORMAT if routing == "realistic" else "dummy"
     kw = dict(model=str(model_dir), skip_tokenizer_init=True, load_format=load_format,
               max_model_len=4096, kv_cache_memory_bytes=8 << 30, max_num_seqs=max_num_seqs, seed=0,
               disable_log_stats=False, gpu_memory_utilization=0.9 / engines)
-    if kind == "uva":  # exactly as baseline_reference.py
-        kw.update(cpu_offload_gb=29.0 * (1 - share) * 0.93, cpu_offload_params={"experts"})
+    if tp > 1:
+        kw["tensor_parallel_size"] = tp
+    if kind == "uva":  # as baseline_reference.py; --cpu-offload-gb is per GPU
+        kw.update(cpu_offload_gb=29.0 / tp * (1 - share) * 0.93, cpu_offload_params={"experts"})
     elif kind == "offload":
         kw["additional_config"] = {"expert_offload": {"enabled": True,
-                                                      "cache_gb": expert_gib * share}}
+                                                      "cache_gb": expert_gib / tp * share}}
     if not torch.cuda.is_available():  # a CPU smoke run of this script
         kw.update(kv_cache_memory_bytes=None, max_model_len=512, gpu_memory_utilization=0.3,
                   enforce_eager=True)
@@ -163,6 +166,8 @@ def main() -> None:
     parser.add_argument("--barrier", default=None, type=barrier_spec, metavar="DIR:N",
                         help="N engines start side by side and measure one at a time")
     parser.add_argument("--routing", default="realistic", choices=ROUTINGS)
+    parser.add_argument("--tp", type=int, default=1,
+                        help="tensor-parallel size (the budget stays per card)")
     parser.add_argument("--routing-stats", type=int, default=0, metavar="N",
                         help="then N requests with vLLM's routed-experts capture: the "
                              "engine's routing statistics (stock and uva only)")
@@ -184,13 +189,13 @@ def main() -> None:
     engines = args.barrier[1] if args.barrier else 1
     most = max(scenario_shape(s)[0] for s in args.scenarios.split(","))
     kwargs = engine_kwargs(args.system, model_dir, expert_gib, engines, args.routing,
-                           max_num_seqs=max(most, args.routing_stats))
+                           max_num_seqs=max(most, args.routing_stats), tp=args.tp)
     if args.routing_stats:
         kwargs["enable_return_routed_experts"] = True
     if args.trace:
         kwargs["profiler_config"] = {"profiler": "torch", "torch_profiler_with_stack": False,
                                      "torch_profiler_dir": str(Path(args.trace).resolve())}
-    tag = f"{args.system}-{args.routing}"  # one mark per engine at the barrier
+    tag = f"{args.system}-{args.routing}-tp{args.tp}"  # one mark per engine at the barrier
     try:
         llm = LLM(**kwargs)
     except BaseException:
@@ -273,7 +278,7 @@ def run_scenarios(llm, args, config: dict, geometry: MoeGeometry, load_s: float,
                    n=n, prompt=plen, out=olen, tok_s=round(ntok / dt, 2), wall_s=round(dt, 2),
                    ttft_ms_p50=pct(ttft, 50), tpot_ms_p50=pct(tpot, 50),
                    tpot_ms_p99=pct(tpot, 99), load_s=round(load_s, 1),
-                   gpu_mem_used_gib=used_gib, routing=args.routing)
+                   gpu_mem_used_gib=used_gib, routing=args.routing, tp=args.tp)
         if after:
             row.update(offload_row(before, after, ntok, geometry.num_moe_layers))
         rows.append(row)

@@ -1,12 +1,11 @@
-"""Where a host-synced MoE layer step's time goes, from a torch-profiler trace of decode steps.
+"""Where a MoE layer step's time goes, from a torch-profiler trace of decode steps.
 
-The planner prices a synced layer step at what `vllm-moe-offload plan` measures on its own
-(0.24 ms on an H200); inside vLLM the same step costs ~1 ms more per layer (H100/H200
-measurements in benchmarks/results). This splits one trace (the `*.pt.trace.json[.gz]` that
-vLLM's torch profiler writes, e.g. `bench_e2e.py SYSTEM lat --trace DIR`) into:
+Splits one trace (the `*.pt.trace.json[.gz]` that vLLM's torch profiler writes, e.g.
+`bench_e2e.py SYSTEM lat --trace DIR`, or bench_step.py's) into:
   per layer step: the op's wall time (`vllm::moe_offload_experts`), and within it the time
-    blocked on the host sync (cudaStreamSynchronize / cudaMemcpy*), in CUDA launches and
-    copies issued, and in the rest (Python bookkeeping);
+    blocked on the host (cudaStreamSynchronize / cudaMemcpy* / event waits: a staged step's
+    one sync; a device step has none), in CUDA launches and copies issued, and in the rest
+    (Python);
   GPU: kernel time, host->device copy time and the busy share of the traced window (the rest
     is the GPU waiting for the host).
 Prints a table and writes trace_summary.json beside the trace.

@@ -18,7 +18,9 @@
 #             e.g. e2e "uva25 offload25" lat,n8,n64,ttft uniform   [later calls]
 #             or the concurrency sweep: e2e "offload25" n1,n4,n8,n16,n32,n64,n128
 #             ROUTING_STATS=N: the stock/uva engines then route N requests with vLLM's
-#             routed-experts capture (bench_e2e.py --routing-stats)
+#             routed-experts capture (bench_e2e.py --routing-stats); TP=N: every system with
+#             --tp N (nvidia-h200-x2: the budget stays per card)
+#   tp      : on two GPUs (nvidia-h200-x2), tests/e2e/test_tp.py: TP=2 offload against stock
 #   trace SYSTEM: bench_e2e.py SYSTEM lat --trace: one sequence's decode steps under vLLM's
 #             torch profiler, split by trace_summary.py (where a layer step's time goes)
 #   step [TOKENS]: benchmarks/bench_step.py, the plugin's layer steps (device, graph: captured
@@ -105,7 +107,7 @@ e2e)
   for system in "${systems[@]}"; do
     stats=(); [[ -n "${ROUTING_STATS:-}" && "$system" != offload* ]] && stats=(--routing-stats "$ROUTING_STATS")
     name="e2e-$routing-${system//+/_}"
-    python3 benchmarks/bench_e2e.py "$system" "$3" --routing "$routing" "${stats[@]}" \
+    python3 benchmarks/bench_e2e.py "$system" "$3" --routing "$routing" "${stats[@]}" --tp "${TP:-1}" \
       --barrier "$barrier" --out "$out/$name.json" > "$out/$name.log" 2>&1 &
   done
   wait
@@ -156,6 +158,9 @@ step)
 plan)
   with_vllm
   python3 -m vllm_moe_offload plan qwen3-30b-a3b-fp8 --out "$out/plan.json" 2>&1 | grep -v -i warn | tail -12 ;;
+tp)
+  with_vllm; with_pytest
+  timeout 480 python3 -m pytest -q -rs -p no:cacheprovider tests/e2e/test_tp.py 2>&1 | tee "$out/pytest-tp.log" | tail -6 ;;
 serve)
   with_vllm
   env OUT="$out" bash scripts/device-foundation.sh serve | tail -6 ;;

@@ -1,7 +1,7 @@
 """The host eviction policies the cache simulator compares the device rule with, on scripted
 uses: exact victims. (The device rule itself: tests/kernels/test_directory.py.)"""
 
-from vllm_moe_offload.policies import CooccurrencePolicy, LFUPolicy, LRUPolicy
+from vllm_moe_offload.policies import LFUPolicy, LRUPolicy
 
 
 def test_lru_evicts_the_least_recently_used():
@@ -21,12 +21,3 @@ def test_lfu_keeps_the_frequent_expert():
         policy.observe(experts)
     assert policy.victim(protected=set()) == 2  # 1 used 3x, 3 used once but later, 2 once
     assert policy.victim(protected={2}) == 3
-
-
-def test_cooccurrence_evicts_the_stranger():
-    policy = CooccurrencePolicy(8)
-    for e in (1, 2, 3):
-        policy.insert(e)
-    for experts in ([1, 4], [2, 4], [2, 4], [3, 5], [4]):
-        policy.observe(experts)  # now protecting 4's step: 2 ran with 4 twice, 1 once, 3 never
-    assert policy.victim(protected={4}) == 3

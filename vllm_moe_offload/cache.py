@@ -34,6 +34,7 @@ import torch
 
 from vllm_moe_offload.kernels import directory, fill
 from vllm_moe_offload.kernels.directory import COUNTERS
+from vllm_moe_offload.kernels.usage import count_routing
 from vllm_moe_offload.stats import OffloadStats, RoutingLog
 from vllm_moe_offload.store import ExpertStore
 from vllm_moe_offload.transfer import HostCopy, SlotMaps, Transfers
@@ -179,7 +180,6 @@ class ExpertCache:
     def count_resident(self, layer: int, topk_ids: torch.Tensor) -> None:
         """A resident layer's step: routed pairs, hits (every routed expert) and the step, on
         the device, into the counters."""
-        from vllm_moe_offload.kernels import count_routing
         count_routing(topk_ids, self.counters.routed[layer], self.counters.counts[layer])
 
     def verify_ranks(self) -> None:

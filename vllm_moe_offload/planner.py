@@ -60,7 +60,8 @@ def plan_cache(config: OffloadConfig, geometry: MoeGeometry,
         raise ValueError(
             f"expert offload: a cache of {slots} slots gives {slots // geometry.num_moe_layers} "
             f"per MoE layer, fewer than top-k={geometry.top_k}: no token's experts could be "
-            f"resident together, so every step would refetch them; use --expert-cache-slots "
+            f"resident together, so every step would read some from host memory; use "
+            f"--expert-cache-slots "
             f">= {minimum} (or --expert-cache-gb >= {minimum_gb:.3f})")
     return CachePlan(slots, slot_bytes, reason)
 

@@ -12,9 +12,6 @@ the set each step routes to (`observe`), and picks a `victim` outside a protecte
 - `lru`: least recently used first.
 - `lfu`: least frequently used, with exponential decay per layer step so that old popularity
   fades (half-life of about 70 steps at decay 0.99); ties go to the least recently used.
-- `cooccurrence`: the resident expert that co-occurs least, over all past steps, with the
-  experts of the layer's latest step (the expert co-occurrence graph of the EBCO study, which
-  found it loses to LRU at small batch; kept for comparison); ties go to the LRU.
 """
 
 from collections import Counter, OrderedDict
@@ -76,7 +73,6 @@ class LRUPolicy:
     def observe(self, experts: list[int]) -> None:
         """The experts one layer step routes to (before any insert or touch of that step)."""
 
-
     def candidates(self, protected: set[int]) -> list[int]:
         """Evictable residents, least recently used first."""
         return [e for e in self._order if e not in protected]
@@ -101,27 +97,9 @@ class LFUPolicy(LRUPolicy):
         self._score *= self.decay
         self._score[experts] += 1.0
 
-
     def _choose(self, candidates: list[int]) -> int:
         scores = self._score[candidates]
         return candidates[int(np.argmin(scores))]  # argmin keeps the first (LRU) on ties
 
 
-class CooccurrencePolicy(LRUPolicy):
-    def __init__(self, num_experts: int) -> None:
-        super().__init__(num_experts)
-        self._together = np.zeros((num_experts, num_experts))  # steps where a and b both ran
-        self._current: list[int] = []
-
-    def observe(self, experts: list[int]) -> None:
-        mask = np.zeros(len(self._together))
-        mask[experts] = 1.0
-        self._together += np.outer(mask, mask)
-        self._current = list(experts)
-
-    def _choose(self, candidates: list[int]) -> int:
-        affinity = self._together[np.ix_(candidates, self._current)].sum(axis=1)
-        return candidates[int(np.argmin(affinity))]
-
-
-POLICIES = {"lru": LRUPolicy, "lfu": LFUPolicy, "cooccurrence": CooccurrencePolicy}
+POLICIES = {"lru": LRUPolicy, "lfu": LFUPolicy}

@@ -25,10 +25,11 @@ from vllm_moe_offload import kernels
 from vllm_moe_offload.cache import ExpertCache
 from vllm_moe_offload.kernels.directory import HOST
 
-# Above this many tokens a step stages its reads: a read in place costs a PCIe transfer per
-# block of pairs (BLOCK_M rows), a staged one a single transfer, and from ~512 tokens (4,096
-# pairs: 32 per expert, BLOCK_M 32-64) an expert's pairs span more than one block. vLLM's
-# largest CUDA-graph batch is 512 tokens by default, so every graph runs device steps.
+# Above this many tokens an eager step stages its reads: a read in place costs a PCIe transfer
+# per block of pairs (BLOCK_M rows), a staged one a single transfer, and from ~512 tokens
+# (4,096 pairs: 32 per expert, BLOCK_M 32-64) an expert's pairs span more than one block. A
+# step inside a CUDA graph cannot sync, so it takes the device step at any size (vLLM's
+# largest graph is 512 tokens by default).
 DEVICE_STEP_MAX_TOKENS = 512
 
 

@@ -26,7 +26,7 @@ def assert_fails(proc, message: str) -> None:
 
 @pytest.mark.parametrize("settings, message", [
     (dict(cache_slots=4), "fewer than top-k=4: no token's experts could be resident "
-                          "together, so every step would refetch them; use "
+                          "together, so every step would read some from host memory; use "
                           "--expert-cache-slots >= 8"),
     (dict(policy="lru"), "'policy' is no longer a setting"),
     (dict(pinned_limit_gb=1e-6), "more than pinned_limit_gb=0.00; raise pinned_limit_gb"),

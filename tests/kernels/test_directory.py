@@ -95,3 +95,17 @@ def test_a_slot_is_never_shared_and_routed_experts_are_never_evicted():
         assert all(e in model.slot and model.slot[e] == before[e] for e in hits)
         assert set(before) - set(model.slot) <= set(before) - routed
         assert {e for e, _ in fills} | set(reads) == routed - set(before)
+
+
+@pytest.mark.parametrize("update", [directory.update, directory.update_torch],
+                         ids=["triton", "torch"])
+def test_ids_outside_the_experts_never_count(update):
+    """Rows that are not real tokens may carry any id: -1, or one past the experts (which in
+    the kernel falls in the padding lanes of its power-of-two width)."""
+    slots = [10, 11, 12]
+    clean, noisy = state(6, slots), state(6, slots)
+    ids = torch.tensor([[0, 4], [5, 1]])
+    update(ids.to(DEVICE), **clean)
+    update(torch.tensor([[0, 4], [5, 1], [-1, 6], [7, -1]]).to(DEVICE), **noisy)
+    for key in ("slot", "score", "last", "first", "second", "routed", "counters"):
+        assert torch.equal(clean[key].cpu(), noisy[key].cpu()), key

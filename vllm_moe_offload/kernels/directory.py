@@ -26,7 +26,8 @@ One step, given the routed ids [P] (P = T*K pairs):
 The ranks come from pairwise comparisons over [E, E] in one program (E = 128: 16k lanes).
 
 `update_torch` is the same function in torch ops (the CPU path and the kernel's reference);
-`tests/test_directory.py` checks both against a sequential host model of the policy.
+`tests/kernels/test_directory.py` checks both against a sequential host model of the rule
+(policies.DirectoryModel).
 """
 
 import torch
@@ -69,7 +70,7 @@ def _update_kernel(
     e = tl.arange(0, E)
     valid = e < num_experts
     count = count_pairs(ids_ptr, num_pairs, E, BLOCK_P)
-    routed = count > 0
+    routed = (count > 0) & valid  # ids outside [0, E) never count
     slot = tl.load(slot_ptr + e, mask=valid, other=-1)
     score = tl.load(score_ptr + e, mask=valid, other=0)
     last = tl.load(last_ptr + e, mask=valid, other=0)
@@ -146,7 +147,9 @@ def update_torch(ids, slot, score, last, clock, fill_expert, fill_slot, num_fill
     reference)."""
     num_experts = slot.numel()
     e = torch.arange(num_experts, device=slot.device, dtype=torch.int32)
-    count = torch.bincount(ids.reshape(-1).long(), minlength=num_experts).to(torch.int32)
+    flat = ids.reshape(-1).long()
+    flat = flat[(flat >= 0) & (flat < num_experts)]  # as the kernel: other ids never count
+    count = torch.bincount(flat, minlength=num_experts).to(torch.int32)
     is_routed = count > 0
     new_score = score - (score >> DECAY_SHIFT) + torch.where(is_routed, ONE, 0).to(torch.int32)
     new_last = torch.where(is_routed, clock, last)
