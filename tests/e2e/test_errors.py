@@ -3,13 +3,12 @@
 import json
 import shutil
 import subprocess
-import sys
 
 import pytest
 from safetensors.torch import load_file, save_file
 
 from tests.e2e.conftest import REPO, engine_env, run_engine
-from tests.helpers.server import VLLM_CLI
+from tests.helpers.server import serve_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -61,8 +60,11 @@ def test_missing_expert_tensor(models, tmp_path):
                  f"the checkpoint lacks {missing} (1 expert tensor(s) missing)")
 
 
+def serve(model, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*serve_cli(), str(model), *flags], cwd=REPO, env=engine_env(),
+                          capture_output=True, text=True, timeout=300)
+
+
 def test_flag_choices_are_checked(models):
-    proc = subprocess.run([sys.executable, str(VLLM_CLI), "serve", str(models["tiny"]),
-                           "--enable-expert-offload", "--expert-cache-slots", "many"],
-                          cwd=REPO, env=engine_env(), capture_output=True, text=True, timeout=300)
-    assert_fails(proc, "invalid int value: 'many'")
+    assert_fails(serve(models["tiny"], "--enable-expert-offload", "--expert-cache-slots", "many"),
+                 "invalid int value: 'many'")
