@@ -68,3 +68,12 @@ def serve(model, *flags: str) -> subprocess.CompletedProcess:
 def test_flag_choices_are_checked(models):
     assert_fails(serve(models["tiny"], "--enable-expert-offload", "--expert-cache-slots", "many"),
                  "invalid int value: 'many'")
+
+
+def test_malformed_additional_config_names_the_json_error(models):
+    # cut short: vLLM alone passes it on as a string and VllmConfig says only "Input should
+    # be a valid dictionary"
+    proc = serve(models["tiny"], "--additional-config", '{"expert_offload": {"enabled": true')
+    assert_fails(proc, "argument --additional-config: not valid JSON (Expecting ',' delimiter: "
+                       "line 1 column 36 (char 35))")
+    assert "valid dictionary" not in proc.stdout + proc.stderr
