@@ -28,7 +28,9 @@ def assert_fails(proc, message: str) -> None:
                           "together, so every step would refetch them; use "
                           "--expert-cache-slots >= 8"),
     (dict(policy="lru"), "'policy' is no longer a setting"),
-    (dict(pinned_limit_gb=1e-6), "more than pinned_limit_gb=0.00; raise pinned_limit_gb"),
+    # 2 MoE layers x 16 experts x 48 KiB against int(1e-6 GiB) = 1,073 bytes
+    (dict(pinned_limit_gb=1e-6), "the expert store needs 1.5 MiB of host memory, more than the "
+                                 "pinned_limit_gb (--expert-pinned-limit-gb) cap of 1.0 KiB"),
     (dict(cache_slot=12), "unknown key(s) ['cache_slot']"),
 ])
 def test_bad_settings(models, tmp_path, settings, message):
