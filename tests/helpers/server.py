@@ -25,6 +25,19 @@ def serve_cli() -> list[str]:
     return [found, "serve"]
 
 
+def processes_mentioning(text: str) -> list[str]:
+    """Command lines of live processes that contain `text` (servers that outlived a run)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (FileNotFoundError, ProcessLookupError, PermissionError, NotADirectoryError):
+            continue
+        if text in cmdline and proc.name != str(os.getpid()):
+            found.append(f"{proc.name}: {cmdline}")
+    return found
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
