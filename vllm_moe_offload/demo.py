@@ -78,6 +78,9 @@ def run_demo(model: str | None, port: int, cache_slots: int) -> None:
         work = Path(tmp)
         if model:
             model_dir = Path(model)
+            if not (model_dir / "config.json").is_file():
+                raise SystemExit(f"demo: {model_dir} has no config.json; give a checkpoint "
+                                 "directory (vllm-moe-offload make-model writes one)")
         else:
             from vllm_moe_offload.checkpoint import write_checkpoint
             model_dir = write_checkpoint(work / "tiny", "tiny", progress=False)
