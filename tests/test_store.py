@@ -3,7 +3,12 @@
 import pytest
 import torch
 
-from vllm_moe_offload.store import ExpertLayout, ExpertStore, available_host_bytes
+from vllm_moe_offload.store import (
+    ExpertLayout,
+    ExpertStore,
+    available_host_bytes,
+    check_host_memory,
+)
 
 FP8 = ExpertLayout(hidden=256, inter=128, weight_dtype=torch.float8_e4m3fn, block=(128, 128))
 
@@ -69,13 +74,28 @@ def test_fill_random_is_finite():
 
 def test_more_than_the_machine_has_fails_before_allocating():
     layers = available_host_bytes() // (8 * FP8.record_bytes) + 1  # > available by design
-    with pytest.raises(ValueError, match="GiB of host memory but only"):
+    with pytest.raises(ValueError, match="of host memory but only .* is available; free host "
+                                         "memory"):
         ExpertStore(FP8, num_layers=layers, num_experts=8, pin=False)
 
 
-def test_pinned_limit():
-    with pytest.raises(ValueError, match="pinned_limit_gb"):
+def test_pinned_limit_names_both_sizes():
+    # 32 records of 98,816 bytes against a cap of one record
+    with pytest.raises(ValueError) as error:
         ExpertStore(FP8, num_layers=4, num_experts=8, pin=False, limit_bytes=FP8.record_bytes)
+
+
+    assert str(error.value) == (
+        "expert offload: the expert store needs 3.0 MiB of host memory, more than the "
+        "pinned_limit_gb (--expert-pinned-limit-gb) cap of 96.5 KiB; raise pinned_limit_gb or "
+        "serve a smaller model")
+
+
+def test_sizes_that_round_alike_are_shown_in_bytes():
+    gib = 1 << 30  # 1.00 GiB both, rounded
+    with pytest.raises(ValueError, match=r"needs 1,073,742,848 bytes of host memory, more than "
+                                         r"the .* cap of 1,073,741,824 bytes"):
+        check_host_memory(gib + 1024, gib)
 
 
 def test_tensor_parallel_ranks_hold_their_shard_of_every_expert():

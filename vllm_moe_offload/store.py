@@ -192,18 +192,26 @@ class ExpertStore:
 
 def check_host_memory(required: int, limit_bytes: int | None) -> None:
     """Fails before allocating if the store cannot fit in host memory (or the user's cap)."""
-    gib = 1 << 30
     if limit_bytes is not None and required > limit_bytes:
+        need, limit = _sizes_that_differ(required, limit_bytes)
         raise ValueError(
-            f"expert offload: the expert store needs {required / gib:.2f} GiB of host memory, "
-            f"more than pinned_limit_gb={limit_bytes / gib:.2f}; raise pinned_limit_gb or "
-            "serve a smaller model")
+            f"expert offload: the expert store needs {need} of host memory, more than the "
+            f"pinned_limit_gb (--expert-pinned-limit-gb) cap of {limit}; raise "
+            "pinned_limit_gb or serve a smaller model")
     available = available_host_bytes()
     if required > available:
+        need, free = _sizes_that_differ(required, available)
         raise ValueError(
-            f"expert offload: the expert store needs {required / gib:.2f} GiB of host "
-            f"memory but only {available / gib:.2f} GiB is available; free host memory, use a "
-            "machine with more RAM, or serve a smaller model")
+            f"expert offload: the expert store needs {need} of host memory but only {free} "
+            "is available; free host memory, use a machine with more RAM, or serve a smaller "
+            "model")
+
+
+def _sizes_that_differ(a: int, b: int) -> tuple[str, str]:
+    """a and b in units that show they differ: rounded alike they may read the same."""
+    from vllm_moe_offload.planner import format_bytes  # here: planner imports this module
+    shown = format_bytes(a), format_bytes(b)
+    return shown if shown[0] != shown[1] else (f"{a:,} bytes", f"{b:,} bytes")
 
 
 def available_host_bytes() -> int:

@@ -3,13 +3,12 @@
 import json
 import shutil
 import subprocess
-import sys
 
 import pytest
 from safetensors.torch import load_file, save_file
 
 from tests.e2e.conftest import REPO, engine_env, run_engine
-from tests.helpers.server import VLLM_CLI
+from tests.helpers.server import serve_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -29,7 +28,9 @@ def assert_fails(proc, message: str) -> None:
                           "together, so every step would read some from host memory; use "
                           "--expert-cache-slots >= 8"),
     (dict(policy="lru"), "'policy' is no longer a setting"),
-    (dict(pinned_limit_gb=1e-6), "more than pinned_limit_gb=0.00; raise pinned_limit_gb"),
+    # 2 MoE layers x 16 experts x 48 KiB against int(1e-6 GiB) = 1,073 bytes
+    (dict(pinned_limit_gb=1e-6), "the expert store needs 1.5 MiB of host memory, more than the "
+                                 "pinned_limit_gb (--expert-pinned-limit-gb) cap of 1.0 KiB"),
     (dict(cache_slot=12), "unknown key(s) ['cache_slot']"),
 ])
 def test_bad_settings(models, tmp_path, settings, message):
@@ -61,8 +62,20 @@ def test_missing_expert_tensor(models, tmp_path):
                  f"the checkpoint lacks {missing} (1 expert tensor(s) missing)")
 
 
+def serve(model, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*serve_cli(), str(model), *flags], cwd=REPO, env=engine_env(),
+                          capture_output=True, text=True, timeout=300)
+
+
 def test_flag_choices_are_checked(models):
-    proc = subprocess.run([sys.executable, str(VLLM_CLI), "serve", str(models["tiny"]),
-                           "--enable-expert-offload", "--expert-cache-slots", "many"],
-                          cwd=REPO, env=engine_env(), capture_output=True, text=True, timeout=300)
-    assert_fails(proc, "invalid int value: 'many'")
+    assert_fails(serve(models["tiny"], "--enable-expert-offload", "--expert-cache-slots", "many"),
+                 "invalid int value: 'many'")
+
+
+def test_malformed_additional_config_names_the_json_error(models):
+    # cut short: vLLM alone passes it on as a string and VllmConfig says only "Input should
+    # be a valid dictionary"
+    proc = serve(models["tiny"], "--additional-config", '{"expert_offload": {"enabled": true')
+    assert_fails(proc, "argument --additional-config: not valid JSON (Expecting ',' delimiter: "
+                       "line 1 column 36 (char 35))")
+    assert "valid dictionary" not in proc.stdout + proc.stderr

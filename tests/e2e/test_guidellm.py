@@ -3,30 +3,16 @@
 servers are gone afterwards."""
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from tests.e2e.conftest import REPO, engine_env
+from tests.helpers.server import processes_mentioning
 
 pytestmark = pytest.mark.e2e
 pytest.importorskip("guidellm", reason="guidellm comes with the bench extra (scripts/setup.sh)")
-
-
-def processes_mentioning(text: str) -> list[str]:
-    """Command lines of live processes that contain `text`."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except (FileNotFoundError, ProcessLookupError, PermissionError, NotADirectoryError):
-            continue
-        if text in cmdline and proc.name != str(os.getpid()):
-            found.append(f"{proc.name}: {cmdline}")
-    return found
 
 
 def test_smoke_sweep(tmp_path):
