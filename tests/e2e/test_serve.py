@@ -78,10 +78,10 @@ def test_serve_answers_and_reports_counters(models, tmp_path):
         assert after[counter] > before.get(counter, 0), (counter, before, after)
     assert 0 < after["moe_offload_slots_in_use"] <= CACHE_SLOTS
     assert "moe_offload_fetch_stall_seconds_total" in after  # 0 on CPU: copies are synchronous
-    # bytes: one record per fill and per read without a slot
-    record = after["moe_offload_h2d_bytes_total"] / (after["moe_offload_expert_fills_total"]
-                                                     + after["moe_offload_expert_reads_total"])
-    assert record == int(record) > 0
+    # bytes: one record per fill and per read without a slot; a tiny bf16 record holds gate,
+    # up and down, 64 x 128 each
+    moved = after["moe_offload_expert_fills_total"] + after["moe_offload_expert_reads_total"]
+    assert after["moe_offload_h2d_bytes_total"] == moved * 3 * 64 * 128 * 2 > 0
     routed = routed_pairs(metrics_text)
     # the router statistics: every MoE layer routes top-k (4) experts per token
     assert set(routed) == {"0", "1"} and routed["0"] == routed["1"] > 0
