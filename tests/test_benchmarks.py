@@ -265,8 +265,11 @@ def test_step_bench_counts_what_each_mode_does():
         for row in (device, staged):
             assert tokens * g.top_k >= row.unique_per_layer >= g.top_k
             assert 0 < row.misses_per_layer < row.unique_per_layer  # some hit, some miss
+            # the row's misses are rounded to 2 decimals, its copy time to 4 from the exact
+            # misses: compare relatively (on a slow CPU copy the absolute gap grows)
             assert row.copy_ms_per_layer == pytest.approx(
-                row.misses_per_layer * g.layout.record_bytes / (bench.h2d_gbps * 1e6), abs=1e-4)
+                row.misses_per_layer * g.layout.record_bytes / (bench.h2d_gbps * 1e6),
+                rel=5e-3, abs=1e-4)
             assert row.rest_ms_per_layer == pytest.approx(
                 row.layer_ms - row.copy_ms_per_layer, abs=1e-3)
         # the same routing and the same rule: the two paths miss alike
