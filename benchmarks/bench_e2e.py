@@ -34,10 +34,10 @@ from types import SimpleNamespace
 
 import torch
 
-from vllm_moe_offload.checkpoint import PRESETS, hf_config
-from vllm_moe_offload.geometry import MoeGeometry
-from vllm_moe_offload.profiler import measure_h2d_gbps
-from vllm_moe_offload.realistic import LOAD_FORMAT as REALISTIC_LOAD_FORMAT
+from vllm_moe_offload.offload.geometry import MoeGeometry
+from vllm_moe_offload.planning.profiler import measure_h2d_gbps
+from vllm_moe_offload.synthetic.checkpoint import PRESETS, hf_config
+from vllm_moe_offload.synthetic.realistic import LOAD_FORMAT as REALISTIC_LOAD_FORMAT
 
 SCENARIOS = {"lat": (1, 128, 256), "thr": (64, 128, 256), "ttft": (16, 2048, 16)}
 ROUTINGS = ("uniform", "realistic", "model")
@@ -298,8 +298,8 @@ def routing_stats(llm, requests: int, config: dict) -> dict:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from vllm_moe_offload.checkpoint import moe_layer_ids
-    from vllm_moe_offload.traces import load_real_trace, measure
+    from vllm_moe_offload.offload.geometry import moe_layer_ids
+    from vllm_moe_offload.synthetic.traces import load_real_trace, measure
     rng = random.Random(1)
     prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(1000, config["vocab_size"])
                                               for _ in range(16)]) for _ in range(requests)]

@@ -19,8 +19,8 @@ import time
 import torch
 import triton
 
-from vllm_moe_offload.kernels import grouped_gemm
-from vllm_moe_offload.store import ExpertLayout
+from vllm_moe_offload.offload.kernels import grouped_gemm
+from vllm_moe_offload.offload.store import ExpertLayout
 
 H, INTER, E, K = 2048, 768, 128, 8
 TOKENS = [1, 8, 64, 256, 1024, 4096]

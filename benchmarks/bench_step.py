@@ -28,11 +28,11 @@ from pathlib import Path
 
 import torch
 
-from vllm_moe_offload import kernels, step
-from vllm_moe_offload.cache import ExpertCache
-from vllm_moe_offload.plan_cli import model_geometry
-from vllm_moe_offload.profiler import measure_h2d_gbps, time_ms
-from vllm_moe_offload.store import ExpertStore
+from vllm_moe_offload.offload import kernels, step
+from vllm_moe_offload.offload.cache import ExpertCache
+from vllm_moe_offload.offload.store import ExpertStore
+from vllm_moe_offload.planning.plan_cli import model_geometry
+from vllm_moe_offload.planning.profiler import measure_h2d_gbps, time_ms
 
 MODES = ("device", "graph", "staged")
 STEPS = {"device": step.device_step, "graph": step.device_step, "staged": step.staged_step}

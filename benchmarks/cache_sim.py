@@ -7,7 +7,7 @@ without a slot), replayed through its host model `policies.DirectoryModel`; `lfu
 are the host policies the cache ran before (policies.py: each step's misses evict the policy's
 victims outside their pass), for comparison: the device rule must stay within a point of LFU.
 
-Routings (vllm_moe_offload/traces.py):
+Routings (vllm_moe_offload/synthetic/traces.py):
 - `real`: the recorded Qwen3-30B-A3B response (benchmarks/data/real-routing/), batch 1, top-6;
 - `realistic-top6`: the generator calibrated to it, batch 1, averaged over SEEDS requests of
   the same length (its calibration: hit rates within 3 points, tests/test_traces.py);
@@ -31,10 +31,16 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from vllm_moe_offload.checkpoint import PRESETS, hf_config
-from vllm_moe_offload.policies import POLICIES, DirectoryModel
-from vllm_moe_offload.store import ExpertLayout
-from vllm_moe_offload.traces import RoutingModel, generate, load_real_trace, measure, uniform
+from vllm_moe_offload.offload.policies import POLICIES, DirectoryModel
+from vllm_moe_offload.offload.store import ExpertLayout
+from vllm_moe_offload.synthetic.checkpoint import PRESETS, hf_config
+from vllm_moe_offload.synthetic.traces import (
+    RoutingModel,
+    generate,
+    load_real_trace,
+    measure,
+    uniform,
+)
 
 QWEN_RECORD_BYTES = ExpertLayout(2048, 768, torch.float8_e4m3fn, (128, 128)).record_bytes
 NUM_EXPERTS = 128
@@ -116,7 +122,7 @@ def calibration(seeds: int = SEEDS) -> dict[str, dict]:
 def engine_trace(batch: int, steps: int, seed: int = 0) -> np.ndarray:
     """The full-size realistic-routing checkpoint's routing of `batch` requests starting at
     random points of its cycle (the engine's: bench_e2e prompts end on random tokens)."""
-    from vllm_moe_offload.realistic import RealisticRouting
+    from vllm_moe_offload.synthetic.realistic import RealisticRouting
     routing = RealisticRouting(hf_config(PRESETS["qwen3-30b-a3b-fp8"]))
     starts = np.random.default_rng(seed).integers(len(routing.cycle.ids), size=batch)
     positions = starts[None, :] + np.arange(steps)[:, None]  # [steps, batch]

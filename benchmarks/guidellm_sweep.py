@@ -43,13 +43,13 @@ import requests
 import torch
 from bench_e2e import GIB, ROUTINGS, engine_kwargs, use_routing
 
-from vllm_moe_offload.checkpoint import PRESETS, hf_config, write_checkpoint
-from vllm_moe_offload.draft import write_draft
-from vllm_moe_offload.geometry import MoeGeometry
-from vllm_moe_offload.profiler import measure_h2d_gbps
-from vllm_moe_offload.realistic import LOAD_FORMAT as REALISTIC_LOAD_FORMAT
+from vllm_moe_offload.offload.geometry import MoeGeometry
+from vllm_moe_offload.planning.profiler import measure_h2d_gbps
 from vllm_moe_offload.server import free_port, running_servers, serve_command
-from vllm_moe_offload.tokenizer import build_tokenizer
+from vllm_moe_offload.synthetic.checkpoint import PRESETS, hf_config, write_checkpoint
+from vllm_moe_offload.synthetic.draft import write_draft
+from vllm_moe_offload.synthetic.realistic import LOAD_FORMAT as REALISTIC_LOAD_FORMAT
+from vllm_moe_offload.synthetic.tokenizer import build_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 SYSTEMS = ("stock", "uva", "offload", "offload+eagle3")

@@ -1,5 +1,6 @@
 """Tunes the grouped GEMM's tile sizes on this GPU for the Qwen3-30B-A3B expert shape and
-writes vllm_moe_offload/kernels/configs/<device>,w<bytes>[,host].json (read by `pick_config`).
+writes vllm_moe_offload/offload/kernels/configs/<device>,w<bytes>[,host].json (read by
+`pick_config`).
 --host tunes the zero-copy pass instead: every expert is read from pinned host memory through
 its device address, as zero-copy decode reads the missing ones (decode sizes only); it also
 prints the pass's effective PCIe rate next to a pinned copy's.
@@ -21,9 +22,9 @@ import time
 import torch
 import triton
 
-from vllm_moe_offload.kernels import grouped_gemm
-from vllm_moe_offload.profiler import measure_h2d_gbps
-from vllm_moe_offload.store import ExpertLayout
+from vllm_moe_offload.offload.kernels import grouped_gemm
+from vllm_moe_offload.offload.store import ExpertLayout
+from vllm_moe_offload.planning.profiler import measure_h2d_gbps
 
 H, INTER, E, K = 2048, 768, 128, 8
 TOKENS = [1, 4, 16, 64, 256, 1024, 4096]

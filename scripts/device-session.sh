@@ -54,7 +54,7 @@ stop_stale() {
 }
 with_vllm() {
   stop_stale
-  cp /root/tuned/*.json vllm_moe_offload/kernels/configs/ 2>/dev/null
+  cp /root/tuned/*.json vllm_moe_offload/offload/kernels/configs/ 2>/dev/null
   source .devicekit/kit/env.sh; export PYTHONPATH=$PWD:$PYTHONPATH
   python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 }
@@ -83,13 +83,13 @@ kernels)
   python3 -m pytest -q -p no:cacheprovider tests/kernels 2>&1 | tee "$out/pytest-kernels.log" | tail -3 ;;
 tune-host)
   python3 benchmarks/tune_grouped_gemm.py --host 2>&1 | grep -v -i warn | tee "$out/tune-host.log" | tail -8
-  mkdir -p /root/tuned && cp vllm_moe_offload/kernels/configs/*,host.json /root/tuned/
+  mkdir -p /root/tuned && cp vllm_moe_offload/offload/kernels/configs/*,host.json /root/tuned/
   cp /root/tuned/*,host.json "$out/tuned-host.json" ;;
 stage) ;;
 bench)
   with_vllm  # the tuner needs vLLM's grouping and quantiser: they are part of the step it times
   python3 benchmarks/tune_grouped_gemm.py --dtype fp8 2>&1 | grep -v -i warn | tee "$out/tune.log" | tail -8
-  mkdir -p /root/tuned && cp vllm_moe_offload/kernels/configs/*.json /root/tuned/
+  mkdir -p /root/tuned && cp vllm_moe_offload/offload/kernels/configs/*.json /root/tuned/
   cp /root/tuned/*.json "$out/tuned-configs.json"
   python3 benchmarks/bench_kernels.py --out "$out/kernels.json" 2>&1 | grep -v -i "warn\|INFO" | tail -10 ;;
 equality)

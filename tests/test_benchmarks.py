@@ -11,9 +11,9 @@ from bench_e2e import scenario_shape  # noqa: E402
 from e2e_report import merge  # noqa: E402
 from planner_check import check_run  # noqa: E402
 
-from vllm_moe_offload.plan_cli import model_geometry  # noqa: E402
-from vllm_moe_offload.planner import solve  # noqa: E402
-from vllm_moe_offload.profiler import HardwareProfile  # noqa: E402
+from vllm_moe_offload.planning.plan_cli import model_geometry  # noqa: E402
+from vllm_moe_offload.planning.planner import solve  # noqa: E402
+from vllm_moe_offload.planning.profiler import HardwareProfile  # noqa: E402
 
 
 def test_systems_name_their_budget(tmp_path):
@@ -22,7 +22,7 @@ def test_systems_name_their_budget(tmp_path):
     from bench_e2e import engine_kwargs
     from guidellm_sweep import server_kwargs
 
-    from vllm_moe_offload.checkpoint import PRESETS, hf_config
+    from vllm_moe_offload.synthetic.checkpoint import PRESETS, hf_config
     (tmp_path / "config.json").write_text(json.dumps(hf_config(PRESETS["qwen3-30b-a3b-fp8"])))
     offload = engine_kwargs("offload25", Path("m"), 28.0)["additional_config"]["expert_offload"]
     assert offload == {"enabled": True, "cache_gb": 7.0}
@@ -191,7 +191,7 @@ def test_spec_check_fits_the_acceptance_rate_and_checks_the_recommended_k():
     among the measured best two; a sweep without k = 0 is refused."""
     from spec_check import check, fit_acceptance_rate, measured_by_k
 
-    from vllm_moe_offload.planner import acceptance_length
+    from vllm_moe_offload.planning.planner import acceptance_length
     assert fit_acceptance_rate({k: acceptance_length(k, 0.7) for k in (1, 2, 5)}) == 0.7
     profile = HardwareProfile("GPU", 50.0, {1: 0.03, 4096: 1.0}, 0.1)
 

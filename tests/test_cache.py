@@ -4,10 +4,10 @@ bytes, the directory against the host model of its rule, staging."""
 import pytest
 import torch
 
-from vllm_moe_offload.cache import ExpertCache, layer_quotas
-from vllm_moe_offload.kernels.directory import HOST, SKIP
-from vllm_moe_offload.policies import DirectoryModel
-from vllm_moe_offload.store import ExpertLayout, ExpertStore
+from vllm_moe_offload.offload.cache import ExpertCache, layer_quotas
+from vllm_moe_offload.offload.kernels.directory import HOST, SKIP
+from vllm_moe_offload.offload.policies import DirectoryModel
+from vllm_moe_offload.offload.store import ExpertLayout, ExpertStore
 
 LAYOUT = ExpertLayout(hidden=32, inter=16, weight_dtype=torch.bfloat16)
 

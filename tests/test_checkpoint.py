@@ -7,9 +7,9 @@ import math
 import torch
 from safetensors import safe_open
 
-from vllm_moe_offload.checkpoint import PRESETS, hf_config, tensor_plan, write_checkpoint
-from vllm_moe_offload.predictable import cycle_for, target_tensor
-from vllm_moe_offload.tokenizer import SPECIAL_TOKENS
+from vllm_moe_offload.synthetic.checkpoint import PRESETS, hf_config, tensor_plan, write_checkpoint
+from vllm_moe_offload.synthetic.predictable import cycle_for, target_tensor
+from vllm_moe_offload.synthetic.tokenizer import SPECIAL_TOKENS
 
 
 def test_qwen3_30b_a3b_fp8_layout():

@@ -6,10 +6,10 @@ import types
 import pytest
 import torch
 
-from vllm_moe_offload.cli import add_offload_args, fold_offload_args
 from vllm_moe_offload.config import OffloadConfig
-from vllm_moe_offload.geometry import MoeGeometry
-from vllm_moe_offload.planner import plan_cache
+from vllm_moe_offload.integration.flags import add_offload_args, fold_offload_args
+from vllm_moe_offload.offload.budget import plan_cache
+from vllm_moe_offload.offload.geometry import MoeGeometry
 
 
 def test_defaults_off():
@@ -76,7 +76,7 @@ def test_malformed_additional_config_names_the_json_error(value, message, capsys
     from vllm.engine.arg_utils import EngineArgs
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    from vllm_moe_offload.cli import install_flags
+    from vllm_moe_offload.integration.flags import install_flags
     install_flags()  # what register() does in every vLLM process
     parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
     assert parser.parse_args(["--additional-config", '{"a": 1}']).additional_config == {"a": 1}
@@ -119,7 +119,7 @@ def test_unsupported_models():
 
 
 def test_expert_data_and_pipeline_parallelism_are_refused_tensor_parallelism_is_not():
-    from vllm_moe_offload.hooks import refuse_unsupported_parallelism
+    from vllm_moe_offload.integration.hooks import refuse_unsupported_parallelism
 
     def parallel(**kw):
         base = dict(enable_expert_parallel=False, data_parallel_size=1,

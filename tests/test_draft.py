@@ -7,10 +7,15 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from vllm_moe_offload.checkpoint import PRESETS, hf_config, write_checkpoint
 from vllm_moe_offload.cli import main
-from vllm_moe_offload.draft import aux_layer_ids, draft_config, tensor_plan, write_draft
-from vllm_moe_offload.predictable import cycle_for, missed_positions, oracle_tensor, target_tensor
+from vllm_moe_offload.synthetic.checkpoint import PRESETS, hf_config, write_checkpoint
+from vllm_moe_offload.synthetic.draft import aux_layer_ids, draft_config, tensor_plan, write_draft
+from vllm_moe_offload.synthetic.predictable import (
+    cycle_for,
+    missed_positions,
+    oracle_tensor,
+    target_tensor,
+)
 
 
 def _tensors(path) -> dict[str, torch.Tensor]:

@@ -6,9 +6,10 @@ import random
 import pytest
 
 from vllm_moe_offload.cli import main
-from vllm_moe_offload.plan_cli import model_geometry
-from vllm_moe_offload.planner import format_bytes, recommend, solve, unique_experts
-from vllm_moe_offload.profiler import HardwareProfile, profile_hardware
+from vllm_moe_offload.planning.plan_cli import model_geometry
+from vllm_moe_offload.planning.planner import recommend, solve, unique_experts
+from vllm_moe_offload.planning.profiler import HardwareProfile, profile_hardware
+from vllm_moe_offload.units import format_bytes
 
 GEOMETRY = model_geometry("qwen3-30b-a3b-fp8")
 # Round numbers near the H100's: 50 GB/s PCIe, GEMM 0.25 ms at 1 token to 1 ms at 1024.
@@ -68,7 +69,7 @@ def test_plan_command(tmp_path, capsys):
 
 
 def test_acceptance_length_and_speculation_choice():
-    from vllm_moe_offload.planner import acceptance_length, solve_spec
+    from vllm_moe_offload.planning.planner import acceptance_length, solve_spec
     assert acceptance_length(0, 0.7) == pytest.approx(1.0)
     assert acceptance_length(3, 0.5) == pytest.approx(1 + 0.5 + 0.25 + 0.125)
     assert acceptance_length(3, 1.0) == 4.0

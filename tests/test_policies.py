@@ -1,7 +1,7 @@
 """The host eviction policies the cache simulator compares the device rule with, on scripted
 uses: exact victims. (The device rule itself: tests/kernels/test_directory.py.)"""
 
-from vllm_moe_offload.policies import LFUPolicy, LRUPolicy
+from vllm_moe_offload.offload.policies import LFUPolicy, LRUPolicy
 
 
 def test_lru_evicts_the_least_recently_used():

@@ -4,10 +4,10 @@ leave the same cache behind; the resident step counts its hits."""
 
 import torch
 
-from vllm_moe_offload import step
-from vllm_moe_offload.cache import ExpertCache
-from vllm_moe_offload.kernels.reference import grouped_experts, route
-from vllm_moe_offload.store import ExpertLayout, ExpertStore
+from vllm_moe_offload.offload import step
+from vllm_moe_offload.offload.cache import ExpertCache
+from vllm_moe_offload.offload.kernels.reference import grouped_experts, route
+from vllm_moe_offload.offload.store import ExpertLayout, ExpertStore
 
 LAYOUT = ExpertLayout(hidden=64, inter=32, weight_dtype=torch.bfloat16)
 E, K = 8, 2

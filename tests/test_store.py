@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from vllm_moe_offload.store import (
+from vllm_moe_offload.offload.store import (
     ExpertLayout,
     ExpertStore,
     available_host_bytes,
@@ -101,7 +101,7 @@ def test_sizes_that_round_alike_are_shown_in_bytes():
 def test_tensor_parallel_ranks_hold_their_shard_of_every_expert():
     """TP=2: rank r holds rows [r I/2, (r+1) I/2) of gate and up and those columns of down,
     with their FP8 scale blocks; the two shards' outputs sum to the whole expert's."""
-    from vllm_moe_offload.kernels.reference import expert_mlp
+    from vllm_moe_offload.offload.kernels.reference import expert_mlp
     full = ExpertLayout(hidden=256, inter=256, weight_dtype=torch.bfloat16)
     half = ExpertLayout(hidden=256, inter=128, weight_dtype=torch.bfloat16)
     gen = torch.Generator().manual_seed(0)
@@ -135,7 +135,7 @@ def test_tensor_parallel_ranks_hold_their_shard_of_every_expert():
 def test_tensor_parallel_size_must_split_the_fp8_blocks():
     import types
 
-    from vllm_moe_offload.geometry import MoeGeometry
+    from vllm_moe_offload.offload.geometry import MoeGeometry
     config = types.SimpleNamespace(
         num_experts=8, num_experts_per_tok=2, hidden_size=256, moe_intermediate_size=256,
         num_hidden_layers=2, quantization_config={"quant_method": "fp8",

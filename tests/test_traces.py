@@ -12,7 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from cache_sim import QWEN_RECORD_BYTES, calibration, engine_trace, replay  # noqa: E402
 
-from vllm_moe_offload.traces import (  # noqa: E402
+from vllm_moe_offload.synthetic.traces import (  # noqa: E402
     RoutingModel,
     generate,
     load_real_trace,

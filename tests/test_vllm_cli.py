@@ -4,7 +4,7 @@ from importlib.metadata import PackageNotFoundError
 
 import pytest
 
-from vllm_moe_offload import vllm_cli
+from vllm_moe_offload.integration import vllm_cli
 
 
 def installed(**versions: str):

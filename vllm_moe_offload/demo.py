@@ -46,7 +46,7 @@ def cache_size(model: Path, cache_slots: int) -> str:
     """The cache in experts per MoE layer, from the checkpoint's config."""
     import torch
 
-    from vllm_moe_offload.geometry import MoeGeometry
+    from vllm_moe_offload.offload.geometry import MoeGeometry
     config = json.loads((model / "config.json").read_text())
     quant = "fp8" if "quantization_config" in config else None
     g = MoeGeometry.from_hf_config(SimpleNamespace(**config), torch.bfloat16, quant)
@@ -82,7 +82,7 @@ def run_demo(model: str | None, port: int, cache_slots: int) -> None:
                 raise SystemExit(f"demo: {model_dir} has no config.json; give a checkpoint "
                                  "directory (vllm-moe-offload make-model writes one)")
         else:
-            from vllm_moe_offload.checkpoint import write_checkpoint
+            from vllm_moe_offload.synthetic.checkpoint import write_checkpoint
             model_dir = write_checkpoint(work / "tiny", "tiny", progress=False)
             say(f"demo: {RANDOM_WEIGHTS}")
         say(f"demo: cache: {cache_size(model_dir, cache_slots)}")

@@ -14,9 +14,10 @@ def register() -> None:
     _registered = True
     from vllm import ModelRegistry
 
-    from vllm_moe_offload import cli, hooks, realistic
+    from vllm_moe_offload.integration import flags, hooks
+    from vllm_moe_offload.synthetic import realistic
     ModelRegistry.register_model(
-        "Qwen3MoeForCausalLM", "vllm_moe_offload.model:Qwen3MoeOffloadForCausalLM")
+        "Qwen3MoeForCausalLM", "vllm_moe_offload.integration.model:Qwen3MoeOffloadForCausalLM")
     hooks.install()
-    cli.install_flags()
+    flags.install_flags()
     realistic.register_load_format()

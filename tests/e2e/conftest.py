@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vllm_moe_offload.checkpoint import write_checkpoint
+from vllm_moe_offload.synthetic.checkpoint import write_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 HAS_CUDA = torch.cuda.is_available()

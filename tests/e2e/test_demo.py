@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from tests.e2e.conftest import REPO, engine_env
-from vllm_moe_offload.checkpoint import write_checkpoint
 from vllm_moe_offload.demo import cache_size
+from vllm_moe_offload.synthetic.checkpoint import write_checkpoint
 
 pytestmark = pytest.mark.e2e
 

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 
 from tests.e2e.conftest import HAS_CUDA, engine_env, generate
-from vllm_moe_offload.checkpoint import write_checkpoint
-from vllm_moe_offload.realistic import LOAD_FORMAT, RealisticRouting
+from vllm_moe_offload.synthetic.checkpoint import write_checkpoint
+from vllm_moe_offload.synthetic.realistic import LOAD_FORMAT, RealisticRouting
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from cache_sim import replay  # noqa: E402
 
-from vllm_moe_offload.traces import load_real_trace, measure  # noqa: E402
+from vllm_moe_offload.synthetic.traces import load_real_trace, measure  # noqa: E402
 
 pytestmark = [pytest.mark.e2e,
               pytest.mark.skipif(HAS_CUDA, reason="CPU test (the GPU runs the full size)")]

@@ -11,9 +11,9 @@ import json
 import pytest
 
 from tests.e2e.conftest import CACHE_SLOTS, HAS_CUDA, PROMPTS, assert_greedy_close, generate
-from vllm_moe_offload.checkpoint import write_checkpoint
-from vllm_moe_offload.draft import write_draft
-from vllm_moe_offload.predictable import cycle_for, missed_positions
+from vllm_moe_offload.synthetic.checkpoint import write_checkpoint
+from vllm_moe_offload.synthetic.draft import write_draft
+from vllm_moe_offload.synthetic.predictable import cycle_for, missed_positions
 
 pytestmark = pytest.mark.e2e
 OFFLOAD = {"expert_offload": {"enabled": True, "cache_slots": CACHE_SLOTS}}

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from vllm_moe_offload.kernels.reference import dequantize_weight_fp8
+from vllm_moe_offload.offload.kernels.reference import dequantize_weight_fp8
 
 
 def dequantized_copy(src: Path, dst: Path) -> None:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from vllm_moe_offload.kernels import grouped_gemm
+from vllm_moe_offload.offload.kernels import grouped_gemm
 
 HOPPER = (9, 0)
 

@@ -6,9 +6,9 @@ maps and the counters."""
 import pytest
 import torch
 
-from vllm_moe_offload.kernels import directory
-from vllm_moe_offload.kernels.directory import COUNTERS, HOST, SKIP
-from vllm_moe_offload.policies import DirectoryModel
+from vllm_moe_offload.offload.kernels import directory
+from vllm_moe_offload.offload.kernels.directory import COUNTERS, HOST, SKIP
+from vllm_moe_offload.offload.policies import DirectoryModel
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -4,7 +4,7 @@ exactly the listed host records into the listed slots and nothing else."""
 import pytest
 import torch
 
-from vllm_moe_offload.kernels import fill
+from vllm_moe_offload.offload.kernels import fill
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -12,12 +12,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from vllm_moe_offload.checkpoint import quantize_fp8_block  # noqa: E402
-from vllm_moe_offload.kernels import grouped_gemm
-from vllm_moe_offload.kernels.directory import HOST, SKIP  # noqa: E402
-from vllm_moe_offload.kernels.grouped_gemm import grouped_experts_triton  # noqa: E402
-from vllm_moe_offload.kernels.reference import grouped_experts, route  # noqa: E402
-from vllm_moe_offload.store import ExpertLayout  # noqa: E402
+from vllm_moe_offload.offload.kernels import grouped_gemm
+from vllm_moe_offload.offload.kernels.directory import HOST, SKIP  # noqa: E402
+from vllm_moe_offload.offload.kernels.grouped_gemm import grouped_experts_triton  # noqa: E402
+from vllm_moe_offload.offload.kernels.reference import grouped_experts, route  # noqa: E402
+from vllm_moe_offload.offload.store import ExpertLayout  # noqa: E402
+from vllm_moe_offload.synthetic.checkpoint import quantize_fp8_block  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Triton's interpreter truncates fp32 -> bf16 instead of rounding to nearest (seen with Triton

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from vllm_moe_offload.checkpoint import quantize_fp8_block
-from vllm_moe_offload.kernels.reference import grouped_experts, route
-from vllm_moe_offload.store import ExpertLayout
+from vllm_moe_offload.offload.kernels.reference import grouped_experts, route
+from vllm_moe_offload.offload.store import ExpertLayout
+from vllm_moe_offload.synthetic.checkpoint import quantize_fp8_block
 
 H, INTER, E, K = 256, 128, 6, 2
 
@@ -96,7 +96,7 @@ def test_route_breaks_ties_towards_lower_ids():
 def test_route_honours_vllm_routing_simulation(monkeypatch):
     pytest.importorskip("vllm", reason="the simulator is vLLM's (the device's kernel step "
                                         "runs before vLLM is staged)")
-    from vllm_moe_offload import kernels
+    from vllm_moe_offload.offload import kernels
     logits = torch.zeros(200, 16)
     logits[:, 0] = 50.0  # the model's router always picks expert 0
     _, ids = kernels.route(logits, 4, renormalize=True)

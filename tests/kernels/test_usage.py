@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from vllm_moe_offload.kernels import usage
-from vllm_moe_offload.kernels.directory import COUNTERS
+from vllm_moe_offload.offload.kernels import usage
+from vllm_moe_offload.offload.kernels.directory import COUNTERS
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -15,8 +15,9 @@ Dimensions: T tokens, K top-k, E experts, H hidden.
 import torch
 import torch.nn as nn
 
-from vllm_moe_offload import compat, kernels, step
-from vllm_moe_offload.cache import ExpertCache
+from vllm_moe_offload.integration import compat
+from vllm_moe_offload.offload import kernels, step
+from vllm_moe_offload.offload.cache import ExpertCache
 
 
 class OffloadExperts(nn.Module):

@@ -23,8 +23,10 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from vllm_moe_offload.predictable import cycle_for, target_tensor
-from vllm_moe_offload.tokenizer import EOS_ID, PAD_ID, build_tokenizer
+from vllm_moe_offload.offload.geometry import moe_layer_ids
+from vllm_moe_offload.synthetic.predictable import cycle_for, target_tensor
+from vllm_moe_offload.synthetic.realistic import RealisticRouting
+from vllm_moe_offload.synthetic.tokenizer import EOS_ID, PAD_ID, build_tokenizer
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 ROUTINGS = ("model", "realistic")  # the random routers, or realistic.py's
@@ -112,14 +114,6 @@ def hf_config(preset: Preset) -> dict:
             "modules_to_not_convert": skipped,
         }
     return config
-
-
-def moe_layer_ids(c: dict) -> list[int]:
-    """Decoder layers with routed experts, by Qwen3-MoE's rule."""
-    return [
-        i for i in range(c["num_hidden_layers"])
-        if i not in c.get("mlp_only_layers", []) and (i + 1) % c["decoder_sparse_step"] == 0
-    ]
 
 
 def tensor_plan(c: dict) -> list[tuple[str, tuple[int, ...], bool]]:
@@ -220,7 +214,6 @@ def write_checkpoint(out: Path, preset_name: str, seed: int = 0, device: str | N
 
     plan = tensor_plan(preset.config)
     if routing == "realistic":
-        from vllm_moe_offload.realistic import RealisticRouting
         fixed_tensor = RealisticRouting(config).tensor
     elif predictable:
         cycle = cycle_for(config)

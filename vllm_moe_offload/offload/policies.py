@@ -18,7 +18,7 @@ from collections import Counter, OrderedDict
 
 import numpy as np
 
-from vllm_moe_offload.kernels.directory import DECAY_SHIFT, ONE
+from vllm_moe_offload.offload.kernels.directory import DECAY_SHIFT, ONE
 
 
 class DirectoryModel:

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_moe_offload.kernels.directory import COUNTERS, count_pairs
+from vllm_moe_offload.offload.kernels.directory import COUNTERS, count_pairs
 
 _BLOCK = 64
 _HITS, _STEPS = COUNTERS.index("hits"), COUNTERS.index("steps")

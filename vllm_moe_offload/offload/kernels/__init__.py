@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_moe_offload.kernels import reference
-from vllm_moe_offload.kernels.directory import HOST
-from vllm_moe_offload.kernels.reference import grouped_experts
-from vllm_moe_offload.kernels.usage import count_routing
+from vllm_moe_offload.offload.kernels import reference
+from vllm_moe_offload.offload.kernels.directory import HOST
+from vllm_moe_offload.offload.kernels.reference import grouped_experts
+from vllm_moe_offload.offload.kernels.usage import count_routing
 
 __all__ = ["begin", "count_routing", "finish", "route", "run_pass"]
 
@@ -57,7 +57,7 @@ def begin(hidden, topk_weights, topk_ids, weights, block, num_experts, zero_copy
     activations, on the device, without a sync); its passes follow with `run_pass`.
     zero_copy: its pass will read missing experts from host memory (picks tiles for that)."""
     if hidden.is_cuda:
-        from vllm_moe_offload.kernels.grouped_gemm import plan_step
+        from vllm_moe_offload.offload.kernels.grouped_gemm import plan_step
         return plan_step(hidden, topk_weights, topk_ids, weights, block, num_experts,
                          zero_copy=zero_copy)
     acc = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
@@ -79,7 +79,7 @@ def run_pass(step, weights, pass_map: torch.Tensor,
             grouped_experts(step.hidden, step.topk_weights, step.topk_ids, from_host,
                             from_host, host_weights, step.block, step.acc)
     else:
-        from vllm_moe_offload.kernels import grouped_gemm
+        from vllm_moe_offload.offload.kernels import grouped_gemm
         grouped_gemm.run_pass(step, weights, pass_map, host_weights)
 
 
@@ -88,5 +88,5 @@ def finish(step, out: torch.Tensor) -> None:
     if isinstance(step, ReferenceStep):
         out.copy_(step.acc)
     else:
-        from vllm_moe_offload.kernels import grouped_gemm
+        from vllm_moe_offload.offload.kernels import grouped_gemm
         grouped_gemm.combine(step, out)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_moe_offload.tokenizer import MAX_TRAINED_VOCAB, SPECIAL_TOKENS
+from vllm_moe_offload.synthetic.tokenizer import MAX_TRAINED_VOCAB, SPECIAL_TOKENS
 
 CYCLE_SEED = 0
 LOGIT_NORM = 10.0  # norm of a non-zero lm_head row, as make-model's random lm_head rows have

@@ -21,9 +21,9 @@ host sync returns.
 import numpy as np
 import torch
 
-from vllm_moe_offload import kernels
-from vllm_moe_offload.cache import ExpertCache
-from vllm_moe_offload.kernels.directory import HOST
+from vllm_moe_offload.offload import kernels
+from vllm_moe_offload.offload.cache import ExpertCache
+from vllm_moe_offload.offload.kernels.directory import HOST
 
 # Above this many tokens an eager step stages its reads: a read in place costs a PCIe transfer
 # per block of pairs (BLOCK_M rows), a staged one a single transfer, and from ~512 tokens

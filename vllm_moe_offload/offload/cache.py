@@ -32,12 +32,12 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from vllm_moe_offload.kernels import directory, fill
-from vllm_moe_offload.kernels.directory import COUNTERS
-from vllm_moe_offload.kernels.usage import count_routing
-from vllm_moe_offload.stats import OffloadStats, RoutingLog
-from vllm_moe_offload.store import ExpertStore
-from vllm_moe_offload.transfer import HostCopy, SlotMaps, Transfers
+from vllm_moe_offload.offload.kernels import directory, fill
+from vllm_moe_offload.offload.kernels.directory import COUNTERS
+from vllm_moe_offload.offload.kernels.usage import count_routing
+from vllm_moe_offload.offload.stats import OffloadStats, RoutingLog
+from vllm_moe_offload.offload.store import ExpertStore
+from vllm_moe_offload.offload.transfer import HostCopy, SlotMaps, Transfers
 
 
 def layer_quotas(num_slots: int, num_layers: int, num_experts: int) -> list[int]:

@@ -33,7 +33,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from vllm_moe_offload.predictable import check_target, cycle_for, missed_positions, oracle_tensor
+from vllm_moe_offload.synthetic.predictable import (
+    check_target,
+    cycle_for,
+    missed_positions,
+    oracle_tensor,
+)
 
 DRAFT_KINDS = ("random", "copy", "oracle")
 # The speculators EAGLE-3 releases for Qwen3 (e.g. RedHatAI/Qwen3-*-speculator.eagle3) draft

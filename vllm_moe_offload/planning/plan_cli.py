@@ -8,16 +8,16 @@ from types import SimpleNamespace
 
 import torch
 
-from vllm_moe_offload.checkpoint import PRESETS, hf_config
-from vllm_moe_offload.geometry import MoeGeometry
-from vllm_moe_offload.planner import (
+from vllm_moe_offload.offload.geometry import MoeGeometry
+from vllm_moe_offload.planning.planner import (
     format_spec_table,
     format_table,
     recommend,
     solve,
     solve_spec,
 )
-from vllm_moe_offload.profiler import HardwareProfile, profile_hardware
+from vllm_moe_offload.planning.profiler import HardwareProfile, profile_hardware
+from vllm_moe_offload.synthetic.checkpoint import PRESETS, hf_config
 
 
 def model_geometry(model: str) -> MoeGeometry:

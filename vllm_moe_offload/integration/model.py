@@ -8,16 +8,18 @@ hidden states and weight-name mapping are all inherited.
 
 import torch
 
-from vllm_moe_offload import compat, envs
-from vllm_moe_offload.cache import ExpertCache
+from vllm_moe_offload import envs
 from vllm_moe_offload.config import OffloadConfig
-from vllm_moe_offload.geometry import MoeGeometry
-from vllm_moe_offload.layer import OffloadSparseMoeBlock, register_ops
-from vllm_moe_offload.metrics import PrometheusExporter, StatsReporter, logger
-from vllm_moe_offload.planner import GIB, CachePlan, format_bytes, plan_cache
-from vllm_moe_offload.realistic import LOAD_FORMAT as REALISTIC_LOAD_FORMAT
-from vllm_moe_offload.step import DEVICE_STEP_MAX_TOKENS
-from vllm_moe_offload.store import ExpertStore
+from vllm_moe_offload.integration import compat
+from vllm_moe_offload.integration.layer import OffloadSparseMoeBlock, register_ops
+from vllm_moe_offload.integration.metrics import PrometheusExporter, StatsReporter, logger
+from vllm_moe_offload.offload.budget import CachePlan, plan_cache
+from vllm_moe_offload.offload.cache import ExpertCache
+from vllm_moe_offload.offload.geometry import MoeGeometry
+from vllm_moe_offload.offload.step import DEVICE_STEP_MAX_TOKENS
+from vllm_moe_offload.offload.store import ExpertStore
+from vllm_moe_offload.synthetic.realistic import LOAD_FORMAT as REALISTIC_LOAD_FORMAT
+from vllm_moe_offload.units import GIB, format_bytes
 
 
 def geometry_of(vllm_config) -> MoeGeometry:

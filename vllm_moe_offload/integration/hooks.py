@@ -8,17 +8,17 @@ message.
 """
 
 from vllm_moe_offload.config import OffloadConfig
-from vllm_moe_offload.geometry import SUPPORTED_ARCHITECTURES
+from vllm_moe_offload.offload.geometry import SUPPORTED_ARCHITECTURES
 
-STATS_EXTENSION = "vllm_moe_offload.metrics.OffloadWorkerExtension"
+STATS_EXTENSION = "vllm_moe_offload.integration.metrics.OffloadWorkerExtension"
 
 
 def verify_offload_model(vllm_config) -> None:
     offload = OffloadConfig.from_vllm_config(vllm_config)
     if not offload.enabled:
         return
-    from vllm_moe_offload.model import pinned_limit_bytes, plan_for
-    from vllm_moe_offload.store import check_host_memory
+    from vllm_moe_offload.integration.model import pinned_limit_bytes, plan_for
+    from vllm_moe_offload.offload.store import check_host_memory
     geometry, _ = plan_for(vllm_config, offload)
     check_host_memory(geometry.total_experts * geometry.layout.record_bytes,
                       pinned_limit_bytes(offload))

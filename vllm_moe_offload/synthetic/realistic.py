@@ -31,9 +31,9 @@ import re
 import numpy as np
 import torch
 
-from vllm_moe_offload.checkpoint import moe_layer_ids
-from vllm_moe_offload.predictable import Cycle, cycle_for, target_tensor
-from vllm_moe_offload.traces import RoutingModel, table
+from vllm_moe_offload.offload.geometry import moe_layer_ids
+from vllm_moe_offload.synthetic.predictable import Cycle, cycle_for, target_tensor
+from vllm_moe_offload.synthetic.traces import RoutingModel, table
 
 LOAD_FORMAT = "realistic-routing"
 ROUTER_LOGIT = 12.0  # the chosen experts' logit; the others' is 0

@@ -13,7 +13,7 @@ Dimensions: T tokens, K top-k, E experts, H hidden, I moe intermediate size, S c
 import torch
 import torch.nn.functional as F
 
-from vllm_moe_offload.kernels.quant import quantize_fp8_groups
+from vllm_moe_offload.offload.kernels.quant import quantize_fp8_groups
 
 
 def route(router_logits: torch.Tensor, top_k: int, renormalize: bool

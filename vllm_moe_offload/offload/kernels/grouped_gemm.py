@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_moe_offload.kernels.quant import quantize_fp8_groups
+from vllm_moe_offload.offload.kernels.quant import quantize_fp8_groups
 
 FP8_GROUP = 128
 # Triton's CPU interpreter (TRITON_INTERPRET=1, used by CI) multiplies bf16 dot operands

@@ -22,10 +22,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from vllm_moe_offload import kernels, step
-from vllm_moe_offload.cache import ExpertCache
-from vllm_moe_offload.geometry import MoeGeometry
-from vllm_moe_offload.store import ExpertStore
+from vllm_moe_offload.offload import kernels, step
+from vllm_moe_offload.offload.cache import ExpertCache
+from vllm_moe_offload.offload.geometry import MoeGeometry
+from vllm_moe_offload.offload.store import ExpertStore
 
 
 @dataclass(frozen=True)

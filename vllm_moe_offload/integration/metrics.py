@@ -10,7 +10,7 @@ from collections.abc import Callable
 import numpy as np
 from vllm.logger import init_logger
 
-from vllm_moe_offload.stats import OffloadStats
+from vllm_moe_offload.offload.stats import OffloadStats
 
 # Under "vllm." so that vLLM's logging configuration (handler, format, level) applies.
 logger = init_logger("vllm.moe_offload")

@@ -24,6 +24,8 @@ from functools import cached_property
 
 import torch
 
+from vllm_moe_offload.units import format_bytes
+
 _ALIGN = 256  # bytes; keeps every field 16-byte aligned for vectorised kernel loads
 _PROJ_FIELDS = {"gate_proj": "w13", "up_proj": "w13", "down_proj": "w2"}
 
@@ -209,7 +211,6 @@ def check_host_memory(required: int, limit_bytes: int | None) -> None:
 
 def _sizes_that_differ(a: int, b: int) -> tuple[str, str]:
     """a and b in units that show they differ: rounded alike they may read the same."""
-    from vllm_moe_offload.planner import format_bytes  # here: planner imports this module
     shown = format_bytes(a), format_bytes(b)
     return shown if shown[0] != shown[1] else (f"{a:,} bytes", f"{b:,} bytes")
 

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-REAL_TRACE = (Path(__file__).resolve().parents[1]
+REAL_TRACE = (Path(__file__).resolve().parents[2]
               / "benchmarks" / "data" / "real-routing" / "qwen3-30b-a3b.route.csv")
 PROFILE_LAYERS = 48  # the model the layer profile (private noise) was calibrated on
 

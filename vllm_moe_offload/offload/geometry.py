@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_moe_offload.store import ExpertLayout
+from vllm_moe_offload.offload.store import ExpertLayout
 
 SUPPORTED_ARCHITECTURES = ("Qwen3MoeForCausalLM",)
 
@@ -52,12 +52,18 @@ class MoeGeometry:
                 + (f" of whole {shard_unit}-row FP8 blocks" if block else "")
                 + "; use a tensor-parallel size that divides it")
         layout = ExpertLayout(config.hidden_size, inter // tp_size, weight_dtype, block)
-        sparse_step = getattr(config, "decoder_sparse_step", 1)
-        dense = set(getattr(config, "mlp_only_layers", None) or [])
-        moe_layers = tuple(i for i in range(config.num_hidden_layers)
-                           if i not in dense and (i + 1) % sparse_step == 0)
-        return cls(layout, moe_layers, config.num_experts, config.num_experts_per_tok,
+        return cls(layout, tuple(moe_layer_ids(config)), config.num_experts,
+                   config.num_experts_per_tok,
                    bool(getattr(config, "norm_topk_prob", True)), tp_size)
+
+
+def moe_layer_ids(config) -> list[int]:
+    """Decoder layers with routed experts, by Qwen3-MoE's rule (an HF config or its dict)."""
+    get = config.get if isinstance(config, dict) else lambda key, d: getattr(config, key, d)
+    dense = set(get("mlp_only_layers", None) or [])
+    step = get("decoder_sparse_step", 1)
+    return [i for i in range(get("num_hidden_layers", None))
+            if i not in dense and (i + 1) % step == 0]
 
 
 def _fp8_block(config, quantization: str | None) -> tuple[int, int] | None:
