@@ -60,9 +60,9 @@ import requests
 import torch
 from guidellm_sweep import cli_flags, prepare_models, scrape, server_kwargs
 
-from vllm_moe_offload.checkpoint import write_checkpoint
-from vllm_moe_offload.geometry import MoeGeometry
+from vllm_moe_offload.offload.geometry import MoeGeometry
 from vllm_moe_offload.server import free_port, running_server, serve_command
+from vllm_moe_offload.synthetic.checkpoint import write_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SERVED_NAME = "model"
@@ -298,6 +298,22 @@ def check(samples: list[dict], outcomes: list[Outcome], drained: bool, healthy: 
     return slopes, failures
 
 
+def rolling_rate(samples: list[dict], window_s: float) -> list[float]:
+    """Tokens per second over the last window_s at each sample: the samples' rates weighted
+    by their intervals (a 5-s rate swings with which requests happen to finish in it)."""
+    out = []
+    for i, s in enumerate(samples):
+        tokens = seconds = 0.0
+        for j in range(i, 0, -1):
+            dt = samples[j]["t_s"] - samples[j - 1]["t_s"]
+            if seconds >= window_s:
+                break
+            tokens += samples[j]["tok_s"] * dt
+            seconds += dt
+        out.append(tokens / seconds if seconds else s["tok_s"])
+    return out
+
+
 def plot(samples: list[dict], path: Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -313,8 +329,12 @@ def plot(samples: list[dict], path: Path, title: str) -> None:
         ax_gpu = ax_mem.twinx()  # its own scale: a leak on either must show as a slope
         ax_gpu.plot(minutes, [s["gpu_mib"] for s in samples], color="tab:orange")
         ax_gpu.set_ylabel("GPU used, MiB", color="tab:orange")
-    ax_tok.plot(minutes, [s["tok_s"] for s in samples])
+    ax_tok.plot(minutes, [s["tok_s"] for s in samples], color="tab:blue", alpha=0.3, lw=0.8,
+                label=f"per sample (~{samples[1]['t_s'] - samples[0]['t_s']:.0f} s)"
+                if len(samples) > 1 else "per sample")
+    ax_tok.plot(minutes, rolling_rate(samples, 60.0), color="tab:blue", label="last minute")
     ax_tok.set_ylabel("generated tok/s (server)")
+    ax_tok.legend(loc="lower right")
     for ax in (ax_mem, ax_tok):
         ax.set_xlabel("minutes")
         ax.grid(alpha=0.3)
