@@ -1,7 +1,8 @@
 """`register()`: the `vllm.general_plugins` entry point, run in every vLLM process.
 
 Idempotent, and initialises no CUDA: the model class is registered by name and imported only
-where vLLM builds the model. Also registers the `realistic-routing` load format (realistic.py).
+where vLLM builds the model. Also registers the `realistic-routing` load format
+(synthetic/realistic.py).
 """
 
 _registered = False

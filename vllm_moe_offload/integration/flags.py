@@ -1,12 +1,13 @@
 """The `--enable-expert-offload` flag family on `vllm serve` (and on every vLLM command that
 takes engine arguments).
 
-The flags are sugar for `--additional-config '{"expert_offload": {...}}'`: `register()` wraps
-`EngineArgs.add_cli_args` (adds an "ExpertOffload" argument group) and
-`EngineArgs.from_cli_args` (folds the parsed flags into `additional_config`). vLLM gives
-general plugins no parser hook; it loads them inside `AsyncEngineArgs.add_cli_args` just
-before it calls `EngineArgs.add_cli_args`, so the wrapped version is the one used. The
-wrapper also makes a malformed `--additional-config` name its JSON error.
+The flags are sugar for `--additional-config '{"expert_offload": {...}}'`: `install_flags()`
+(called by `plugin.register()`) wraps `EngineArgs.add_cli_args` (adds an "ExpertOffload"
+argument group) and `EngineArgs.from_cli_args` (folds the parsed flags into
+`additional_config`). vLLM gives general plugins no parser hook; it loads them inside
+`AsyncEngineArgs.add_cli_args` just before it calls `EngineArgs.add_cli_args`, so the wrapped
+version is the one used. The wrapper also makes a malformed `--additional-config` name its
+JSON error.
 """
 
 import argparse

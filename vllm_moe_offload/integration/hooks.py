@@ -3,7 +3,7 @@ is built, so a bad offload setting fails before any engine starts.
 
 For Qwen3-MoE with offload on: validate the model, budget and host memory, and add the stats
 worker extension. Every CUDA-graph mode stays as vLLM sets it: no step of the offload op
-syncs inside a graph (step.py). For every other architecture: refuse offload with a clear
+syncs inside a graph (offload/step.py). For every other architecture: refuse offload with a clear
 message.
 """
 

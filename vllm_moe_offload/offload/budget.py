@@ -60,5 +60,3 @@ def plan_cache(config: OffloadConfig, geometry: MoeGeometry,
             f"--expert-cache-slots "
             f">= {minimum} (or --expert-cache-gb >= {minimum_gb:.3f})")
     return CachePlan(slots, slot_bytes, reason)
-
-

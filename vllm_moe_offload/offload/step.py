@@ -1,5 +1,5 @@
 """One MoE layer step over the expert cache, given the routing: what the custom ops of
-`layer.py` run, and what the profiler times without a model.
+`integration/layer.py` run, and what the profiler times without a model.
 
 `device_step`, every step of up to DEVICE_STEP_MAX_TOKENS tokens (all decode, inside CUDA
 graphs or not): no host sync. The directory update (one kernel, cache.update) picks the hits,
