@@ -30,19 +30,18 @@ import random
 import statistics
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
 from vllm_moe_offload.offload.geometry import MoeGeometry
 from vllm_moe_offload.planning.profiler import measure_h2d_gbps
-from vllm_moe_offload.synthetic.checkpoint import PRESETS, hf_config
+from vllm_moe_offload.synthetic.checkpoint import PRESETS, hf_config, model_geometry
 from vllm_moe_offload.synthetic.realistic import LOAD_FORMAT as REALISTIC_LOAD_FORMAT
+from vllm_moe_offload.units import GIB
 
 SCENARIOS = {"lat": (1, 128, 256), "thr": (64, 128, 256), "ttft": (16, 2048, 16)}
 ROUTINGS = ("uniform", "realistic", "model")
 UNIFORM_ENV = "VLLM_MOE_ROUTING_SIMULATION_STRATEGY"
-GIB = 1 << 30
 
 
 def scenario_shape(name: str) -> tuple[int, int, int]:
@@ -181,8 +180,7 @@ def main() -> None:
     model_dir = Path(os.environ.get("BENCH_MODEL_DIR", "/root/q3shape-offload"))
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / "config.json").write_text(json.dumps(config))
-    geometry = MoeGeometry.from_hf_config(SimpleNamespace(**config), torch.bfloat16,
-                                          "fp8" if "quantization_config" in config else None)
+    geometry = model_geometry(args.preset)
     expert_gib = geometry.total_experts * geometry.layout.record_bytes / GIB
     cuda = torch.cuda.is_available()
     t0 = time.time()

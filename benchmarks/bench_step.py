@@ -31,8 +31,8 @@ import torch
 from vllm_moe_offload.offload import kernels, step
 from vllm_moe_offload.offload.cache import ExpertCache
 from vllm_moe_offload.offload.store import ExpertStore
-from vllm_moe_offload.planning.plan_cli import model_geometry
 from vllm_moe_offload.planning.profiler import measure_h2d_gbps, time_ms
+from vllm_moe_offload.synthetic.checkpoint import model_geometry
 
 MODES = ("device", "graph", "staged")
 STEPS = {"device": step.device_step, "graph": step.device_step, "staged": step.staged_step}

@@ -37,19 +37,23 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import requests
 import torch
-from bench_e2e import GIB, ROUTINGS, engine_kwargs, use_routing
+from bench_e2e import ROUTINGS, engine_kwargs, use_routing
 
-from vllm_moe_offload.offload.geometry import MoeGeometry
 from vllm_moe_offload.planning.profiler import measure_h2d_gbps
 from vllm_moe_offload.server import free_port, running_servers, serve_command
-from vllm_moe_offload.synthetic.checkpoint import PRESETS, hf_config, write_checkpoint
+from vllm_moe_offload.synthetic.checkpoint import (
+    PRESETS,
+    hf_config,
+    model_geometry,
+    write_checkpoint,
+)
 from vllm_moe_offload.synthetic.draft import write_draft
 from vllm_moe_offload.synthetic.realistic import LOAD_FORMAT as REALISTIC_LOAD_FORMAT
 from vllm_moe_offload.synthetic.tokenizer import build_tokenizer
+from vllm_moe_offload.units import GIB
 
 REPO = Path(__file__).resolve().parents[1]
 SYSTEMS = ("stock", "uva", "offload", "offload+eagle3")
@@ -118,9 +122,7 @@ def server_kwargs(system: str, model: Path, draft: Path | None, budget: float,
 
 
 def expert_gib(model: Path) -> float:
-    config = json.loads((model / "config.json").read_text())
-    quant = "fp8" if "quantization_config" in config else None
-    geometry = MoeGeometry.from_hf_config(SimpleNamespace(**config), torch.bfloat16, quant)
+    geometry = model_geometry(model)
     return geometry.total_experts * geometry.layout.record_bytes / GIB
 
 

@@ -23,9 +23,9 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from vllm_moe_offload.planning.plan_cli import model_geometry
 from vllm_moe_offload.planning.planner import recommend, solve
 from vllm_moe_offload.planning.profiler import HardwareProfile
+from vllm_moe_offload.synthetic.checkpoint import model_geometry
 
 WITHIN_BEST = 0.9  # issue 4: the recommended n measures within 10% of the sweep's best
 

@@ -60,9 +60,8 @@ import requests
 import torch
 from guidellm_sweep import cli_flags, prepare_models, scrape, server_kwargs
 
-from vllm_moe_offload.offload.geometry import MoeGeometry
 from vllm_moe_offload.server import free_port, running_server, serve_command
-from vllm_moe_offload.synthetic.checkpoint import write_checkpoint
+from vllm_moe_offload.synthetic.checkpoint import model_geometry, write_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SERVED_NAME = "model"
@@ -261,13 +260,6 @@ def growth_detail(samples: list[dict]) -> dict:
                                      if rss_slope is not None and per_min else None))
 
 
-def record_bytes(model: Path) -> int:
-    config = json.loads((model / "config.json").read_text())
-    quant = "fp8" if "quantization_config" in config else None
-    geometry = MoeGeometry.from_hf_config(SimpleNamespace(**config), torch.bfloat16, quant)
-    return geometry.layout.record_bytes
-
-
 def check(samples: list[dict], outcomes: list[Outcome], drained: bool, healthy: bool,
           max_growth: float) -> tuple[dict, list[str]]:
     """The memory slopes and every failure, as sentences."""
@@ -456,7 +448,7 @@ def run(args, load: Load, work: Path, out: Path) -> dict:
     if not has_cuda:
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     url, log = f"http://127.0.0.1:{port}", out / "serve.log"
-    record = record_bytes(model)
+    record = model_geometry(model).layout.record_bytes
     cmd = serve_command(model, SERVED_NAME, port, cli_flags(kwargs))
     with running_server(cmd, url, log, env, timeout_s=args.start_timeout) as proc:
         requests.post(f"{url}/v1/completions", timeout=600, json={

@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 from guidellm_sweep import check_comparable, mean_h2d_gbps, spec_tokens
 
-from vllm_moe_offload.planning.plan_cli import model_geometry
 from vllm_moe_offload.planning.planner import acceptance_length, solve_spec, unique_experts
 from vllm_moe_offload.planning.profiler import HardwareProfile
+from vllm_moe_offload.synthetic.checkpoint import model_geometry
 
 
 def fit_acceptance_rate(lengths: dict[int, float]) -> float:

@@ -11,9 +11,9 @@ from bench_e2e import scenario_shape  # noqa: E402
 from e2e_report import merge  # noqa: E402
 from planner_check import check_run  # noqa: E402
 
-from vllm_moe_offload.planning.plan_cli import model_geometry  # noqa: E402
 from vllm_moe_offload.planning.planner import solve  # noqa: E402
 from vllm_moe_offload.planning.profiler import HardwareProfile  # noqa: E402
+from vllm_moe_offload.synthetic.checkpoint import model_geometry  # noqa: E402
 
 
 def test_systems_name_their_budget(tmp_path):

@@ -6,9 +6,9 @@ import random
 import pytest
 
 from vllm_moe_offload.cli import main
-from vllm_moe_offload.planning.plan_cli import model_geometry
 from vllm_moe_offload.planning.planner import recommend, solve, unique_experts
 from vllm_moe_offload.planning.profiler import HardwareProfile, profile_hardware
+from vllm_moe_offload.synthetic.checkpoint import model_geometry
 from vllm_moe_offload.units import format_bytes
 
 GEOMETRY = model_geometry("qwen3-30b-a3b-fp8")

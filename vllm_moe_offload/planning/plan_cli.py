@@ -4,11 +4,9 @@ tok/s table and the recommended concurrency out (printed, and as JSON with --out
 import json
 from dataclasses import asdict
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
-from vllm_moe_offload.offload.geometry import MoeGeometry
 from vllm_moe_offload.planning.planner import (
     format_spec_table,
     format_table,
@@ -17,17 +15,7 @@ from vllm_moe_offload.planning.planner import (
     solve_spec,
 )
 from vllm_moe_offload.planning.profiler import HardwareProfile, profile_hardware
-from vllm_moe_offload.synthetic.checkpoint import PRESETS, hf_config
-
-
-def model_geometry(model: str) -> MoeGeometry:
-    if model in PRESETS:
-        config = hf_config(PRESETS[model])
-    else:
-        config = json.loads((Path(model) / "config.json").read_text())
-    quant = config.get("quantization_config")
-    return MoeGeometry.from_hf_config(SimpleNamespace(**config), torch.bfloat16,
-                                      quant.get("quant_method") if quant else None)
+from vllm_moe_offload.synthetic.checkpoint import model_geometry
 
 
 def run_plan(args) -> None:

@@ -18,12 +18,13 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from vllm_moe_offload.offload.geometry import moe_layer_ids
+from vllm_moe_offload.offload.geometry import MoeGeometry, moe_layer_ids
 from vllm_moe_offload.synthetic.predictable import cycle_for, target_tensor
 from vllm_moe_offload.synthetic.realistic import RealisticRouting
 from vllm_moe_offload.synthetic.tokenizer import EOS_ID, PAD_ID, build_tokenizer
@@ -114,6 +115,18 @@ def hf_config(preset: Preset) -> dict:
             "modules_to_not_convert": skipped,
         }
     return config
+
+
+def model_geometry(model: str | Path) -> MoeGeometry:
+    """The offload geometry of a preset (a name) or of a checkpoint directory's config.json
+    (a Path, or a name that is no preset; bf16, or the FP8 its quantization_config names)."""
+    if isinstance(model, str) and model in PRESETS:
+        config = hf_config(PRESETS[model])
+    else:
+        config = json.loads((Path(model) / "config.json").read_text())
+    quant = config.get("quantization_config")
+    return MoeGeometry.from_hf_config(SimpleNamespace(**config), torch.bfloat16,
+                                      quant.get("quant_method") if quant else None)
 
 
 def tensor_plan(c: dict) -> list[tuple[str, tuple[int, ...], bool]]:
