@@ -109,7 +109,6 @@ class ExpertCache:
         self.second_map = HostCopy(num_experts, device)  # a staged step's one host read
         self.stats = OffloadStats()  # what the host sees: staged steps, their stall, preloads
         self.routing_log = RoutingLog(log_steps) if log_steps else None
-        self.resident_layers = [i for i, q in enumerate(self.quotas) if q == num_experts]
         # tensor parallelism: a function telling whether a tensor is the same on every rank
         # (each rank caches its shard of the experts, and all must hold the same experts)
         self.check_ranks_agree: Callable[[torch.Tensor], bool] | None = None
@@ -125,6 +124,10 @@ class ExpertCache:
     def is_resident(self, layer: int) -> bool:
         """The layer's quota holds all its experts: after `preload` it never changes."""
         return self.quotas[layer] == self.store.num_experts
+
+    @property
+    def resident_layers(self) -> list[int]:
+        return [layer for layer in range(len(self.quotas)) if self.is_resident(layer)]
 
     def preload(self) -> None:
         """After the store is (re)filled: copies experts 0..Q-1 of every layer into its Q slots
