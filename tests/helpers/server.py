@@ -3,15 +3,11 @@
 
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sysconfig
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import requests
+from vllm_moe_offload.server import free_port, running_server
 
 
 def serve_cli() -> list[str]:
@@ -38,12 +34,6 @@ def processes_mentioning(text: str) -> list[str]:
     return found
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def vllm_server(model: Path, args: list[str], log_path: Path, env: dict,
                 timeout_s: float = 300):
@@ -52,31 +42,6 @@ def vllm_server(model: Path, args: list[str], log_path: Path, env: dict,
     cmd = [*serve_cli(), str(model), "--host", "127.0.0.1",
            "--port", str(port), "--served-model-name", "tiny", "--max-model-len", "512",
            "--dtype", "bfloat16", "--gpu-memory-utilization", "0.3", *args]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {proc.returncode}:\n"
-                                   + log_path.read_text()[-5000:])
-            try:
-                if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("vllm serve did not become healthy:\n"
-                                   + log_path.read_text()[-5000:])
-            time.sleep(1)
+    with running_server(cmd, url, log_path, env, timeout_s=timeout_s, grace_s=30):
         yield url
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
